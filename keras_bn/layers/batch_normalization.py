@@ -1,0 +1,548 @@
+"""The `keras_bn.BatchNormalization` layer."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import keras
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+
+from keras_bn import backends
+from keras_bn import statistics
+
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+_DATA_FORMAT_AXIS = {"channels_last": -1, "channels_first": 1}
+
+
+def _describe(value) -> str:
+    return f"{value!r} (of type {type(value).__name__})"
+
+
+def _check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a float in [0, 1]. Received: "
+                        f"{name}={_describe(value)}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1]. Received: "
+                         f"{name}={value!r}")
+    return float(value)
+
+
+def _check_axis(axis) -> int | list[int]:
+    if isinstance(axis, bool):
+        raise TypeError(f"`axis` must be an int or a list of ints. "
+                        f"Received: axis={_describe(axis)}")
+    if isinstance(axis, numbers.Integral):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool)
+        for a in axis
+    ):
+        return [int(a) for a in axis]
+    raise TypeError(f"`axis` must be an int or a non-empty list of ints. "
+                    f"Received: axis={_describe(axis)}")
+
+
+def _check_clipping(renorm_clipping) -> dict | None:
+    if renorm_clipping is None:
+        return None
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError(f"`renorm_clipping` must be a dict with keys among "
+                        f"{_CLIPPING_KEYS}. Received: renorm_clipping="
+                        f"{_describe(renorm_clipping)}")
+    unknown = sorted(set(renorm_clipping) - set(_CLIPPING_KEYS))
+    if unknown:
+        raise ValueError(f"`renorm_clipping` has unknown keys {unknown}; "
+                         f"supported keys are {list(_CLIPPING_KEYS)}. "
+                         f"Received: renorm_clipping={renorm_clipping!r}")
+    clipping = {}
+    for key, value in renorm_clipping.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`renorm_clipping['{key}']` must be a number. "
+                            f"Received: {_describe(value)}")
+        clipping[key] = float(value)
+    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(f"`renorm_clipping` needs rmax >= rmin. Received: "
+                         f"rmax={rmax}, rmin={rmin}")
+    if clipping.get("dmax", 0.0) < 0:
+        raise ValueError(f"`renorm_clipping` needs dmax >= 0. Received: "
+                         f"dmax={clipping['dmax']}")
+    return clipping
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class BatchNormalization(keras.layers.Layer):
+    """Batch normalization (Ioffe & Szegedy, 2015), exact on every backend.
+
+    A drop-in replacement for `keras.layers.BatchNormalization`: the same
+    arguments, defaults, weight names, shapes and order, so weights move
+    between the two layers unchanged. It differs where Keras's layer is
+    loose or limited:
+
+    - statistics are computed in float32 (float64 for float64 inputs) with a
+      corrected two-pass algorithm, so inputs whose mean is far larger than
+      their spread normalize correctly on every backend, and the variance
+      is never negative;
+    - a training batch whose statistics are not finite (NaN/Inf in the batch,
+      or no values at all) leaves the moving statistics of the affected
+      channels unchanged (`skip_nonfinite_updates`);
+    - `axis` may be a list of axes, or `data_format` may be given instead;
+    - `virtual_batch_size` gives ghost batch normalization;
+    - `synchronized=True` works on TensorFlow, JAX and PyTorch.
+
+    During training (`training=True` and `trainable=True`) each channel is
+    normalized with the statistics of the current batch,
+    `gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta`, where `var` is
+    the biased (divide by the count) variance of Algorithm 1 of the paper,
+    and the moving statistics are updated as
+    `moving = moving * momentum + batch_statistic * (1 - momentum)`.
+    Otherwise the moving statistics are used. As in Keras, setting
+    `trainable = False` puts the layer in inference mode.
+
+    Args:
+        axis: Integer or list of integers, the axis or axes that hold the
+            features (channels). Statistics are kept per element of these
+            axes and computed over all other axes. Defaults to `-1`.
+        momentum: Momentum of the moving averages, in `[0, 1]`.
+        epsilon: Small positive float added to the variance.
+        center: If `True`, add the learned offset `beta`.
+        scale: If `True`, multiply by the learned scale `gamma`.
+        beta_initializer: Initializer for `beta`.
+        gamma_initializer: Initializer for `gamma`.
+        moving_mean_initializer: Initializer for the moving mean.
+        moving_variance_initializer: Initializer for the moving variance.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        renorm: Whether to use Batch Renormalization (Ioffe, 2017), with the
+            same weights and update rules as Keras's layer.
+        renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`,
+            `"dmax"` clipping the renorm corrections `r` to `[rmin, rmax]`
+            and `d` to `[-dmax, dmax]`.
+        renorm_momentum: Momentum of the renorm moving mean and stddev.
+        synchronized: If `True`, replicas of a distributed step (a
+            `tf.distribute` strategy, a `keras.distribution` data-parallel
+            distribution under JAX, or `torch.distributed`) normalize with
+            the statistics of the global batch. Without a distribution
+            context it has no effect.
+        data_format: `"channels_last"` or `"channels_first"`, a readable
+            alternative to `axis` (`-1` or `1`). If both are given they must
+            agree.
+        virtual_batch_size: Optional positive int. In training, each
+            consecutive group of this many samples is normalized with its
+            own statistics (ghost batch normalization); a batch that is not
+            a multiple of it ends with a smaller group. No effect in
+            inference.
+        skip_nonfinite_updates: If `True` (the default), channels whose
+            batch statistics are not finite leave their moving statistics
+            unchanged.
+        fused: `None` (default) uses the backend's fused kernel when it gives
+            the same results as the reference path; `False` always uses the
+            `keras.ops` reference path.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of any rank >= 2. Integer inputs are cast to
+            float. Float16/bfloat16 inputs are normalized in float32 and
+            returned in the layer's compute dtype.
+        training: Python boolean, whether to use batch statistics and update
+            the moving statistics.
+        mask: Optional boolean tensor, `True` where values count towards the
+            statistics. Either the input's shape without the feature axes
+            (e.g. `(batch, time)` for `(batch, time, features)`) or a shape
+            of the input's rank that broadcasts to it.
+
+    Returns:
+        A tensor of the same shape as `inputs`, in the compute dtype.
+    """
+
+    def __init__(
+        self,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
+        data_format: str | None = None,
+        virtual_batch_size: int | None = None,
+        skip_nonfinite_updates: bool = True,
+        fused: bool | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        axis = _check_axis(axis)
+        if data_format is not None:
+            if data_format not in _DATA_FORMAT_AXIS:
+                raise ValueError(
+                    "`data_format` must be 'channels_last' or "
+                    f"'channels_first'. Received: data_format={data_format!r}"
+                )
+            implied = _DATA_FORMAT_AXIS[data_format]
+            # `axis=-1` is the default, so it yields to `data_format`.
+            if axis not in (-1, implied, [implied]):
+                raise ValueError(
+                    f"`data_format={data_format!r}` implies axis={implied}, "
+                    f"which conflicts with the given axis={axis!r}. Pass "
+                    "only one of them."
+                )
+            axis = implied
+        if isinstance(axis, list) and len(set(axis)) != len(axis):
+            raise ValueError(f"`axis` has repeated entries. Received: "
+                             f"axis={axis!r}")
+        self.axis = axis
+        self.data_format = data_format
+        self.momentum = _check_unit_interval("momentum", momentum)
+        self.renorm_momentum = _check_unit_interval(
+            "renorm_momentum", renorm_momentum
+        )
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise TypeError(f"`epsilon` must be a positive float. Received: "
+                            f"epsilon={_describe(epsilon)}")
+        if not (float(epsilon) > 0 and math.isfinite(epsilon)):
+            raise ValueError(f"`epsilon` must be a positive finite float. "
+                             f"Received: epsilon={epsilon!r}")
+        self.epsilon = float(epsilon)
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, numbers.Integral)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                "`virtual_batch_size` must be None or a positive int. "
+                f"Received: virtual_batch_size={virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = (
+            None if virtual_batch_size is None else int(virtual_batch_size)
+        )
+        if fused not in (None, True, False):
+            raise ValueError(f"`fused` must be None, True or False. "
+                             f"Received: fused={fused!r}")
+        self.fused = fused
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _check_clipping(renorm_clipping)
+        if self.renorm_clipping and not self.renorm:
+            raise ValueError("`renorm_clipping` is only used with "
+                             f"renorm=True. Received: renorm={renorm!r}, "
+                             f"renorm_clipping={renorm_clipping!r}")
+        self.synchronized = bool(synchronized)
+        self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+
+    # ------------------------------------------------------------------ build
+
+    def _resolve_axes(self, input_shape) -> tuple[int, ...]:
+        rank = len(input_shape)
+        raw = self.axis if isinstance(self.axis, list) else [self.axis]
+        axes = []
+        for a in raw:
+            if not -rank <= a < rank:
+                raise ValueError(
+                    f"`axis` {a} is out of range for inputs of rank {rank} "
+                    f"(shape {tuple(input_shape)}). Received: axis={self.axis!r}"
+                )
+            axes.append(a % rank)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"`axis` names the same axis twice for inputs of "
+                             f"rank {rank}. Received: axis={self.axis!r}")
+        if self.virtual_batch_size is not None and 0 in axes:
+            raise ValueError("`virtual_batch_size` splits axis 0 (the batch), "
+                             f"which cannot also be a feature axis. Received: "
+                             f"axis={self.axis!r}")
+        return tuple(sorted(axes))
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        axes = self._resolve_axes(input_shape)
+        for a in axes:
+            if input_shape[a] is None:
+                raise ValueError(
+                    f"The feature axis {a} of the input must have a known "
+                    f"size to build {self.name}. Received: input_shape="
+                    f"{input_shape}, axis={self.axis!r}"
+                )
+        self._axes = axes
+        self._reduction_axes = tuple(
+            i for i in range(len(input_shape)) if i not in axes
+        )
+        shape = tuple(input_shape[a] for a in axes)
+        self._broadcast_shape = tuple(
+            input_shape[i] if i in axes else 1 for i in range(len(input_shape))
+        )
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True, autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True, autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=shape, name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False, autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape, name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False, autocast=False,
+        )
+        if self.renorm:
+            # Same extra weights, names and order as Keras's layer.
+            def stddev_initializer(shape, dtype=None):
+                init = initializers.get(
+                    initializers.serialize(self.moving_variance_initializer)
+                )
+                return ops.sqrt(init(shape, dtype=dtype))
+
+            self.moving_stddev = self.add_weight(
+                shape=shape, name="moving_stddev",
+                initializer=stddev_initializer,
+                trainable=False, autocast=False,
+            )
+            self.renorm_mean = self.add_weight(
+                shape=shape, name="renorm_mean",
+                initializer=initializers.get(
+                    initializers.serialize(self.moving_mean_initializer)
+                ),
+                trainable=False, autocast=False,
+            )
+            self.renorm_stddev = self.add_weight(
+                shape=shape, name="renorm_stddev",
+                initializer=stddev_initializer,
+                trainable=False, autocast=False,
+            )
+        self.input_spec = keras.layers.InputSpec(
+            ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ------------------------------------------------------------------- call
+
+    def _prepare_inputs(self, inputs):
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "complex" in dtype or dtype == "string":
+            raise TypeError(
+                f"{type(self).__name__} needs real inputs (float, int or "
+                f"bool). Received: inputs.dtype={dtype}"
+            )
+        # Statistics in float32 at least, whatever the compute dtype.
+        stat_dtype = keras.backend.result_type(
+            dtype if "float" in dtype else "float32", "float32"
+        )
+        return ops.cast(inputs, stat_dtype)
+
+    def _mask_weights(self, mask, x):
+        if mask is None:
+            return None
+        rank = len(x.shape)
+        mask_shape = tuple(mask.shape)
+        if len(mask_shape) == rank - len(self._axes):
+            expected = tuple(
+                d for i, d in enumerate(x.shape) if i not in self._axes
+            )
+            fits = all(
+                m is None or e is None or m == e
+                for m, e in zip(mask_shape, expected)
+            )
+            if fits:
+                for a in self._axes:
+                    mask = ops.expand_dims(mask, a)
+                return mask
+        elif len(mask_shape) == rank and all(
+            m is None or d is None or m in (1, d)
+            for m, d in zip(mask_shape, x.shape)
+        ):
+            return mask
+        raise ValueError(
+            "`mask` must have the input's shape without the feature axes "
+            f"{self._axes}, or a shape of the input's rank that broadcasts "
+            f"to it. Received: mask.shape={mask_shape}, "
+            f"inputs.shape={tuple(x.shape)}"
+        )
+
+    def _param(self, variable, dtype):
+        return ops.reshape(ops.cast(variable, dtype), self._broadcast_shape)
+
+    def call(self, inputs, training=None, mask=None):
+        x = self._prepare_inputs(inputs)
+        weights = self._mask_weights(mask, x)
+        if training and self.trainable:
+            outputs = self._train_step(x, weights)
+        else:
+            mean = self._param(self.moving_mean, x.dtype)
+            variance = self._param(self.moving_variance, x.dtype)
+            outputs = self._normalize(x, mean, variance)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _normalize(self, x, mean, variance, r=None, d=None):
+        """`gamma * ((x - mean) / sqrt(variance + eps) * r + d) + beta`."""
+        scale = ops.rsqrt(variance + self.epsilon)
+        if r is not None:
+            scale = scale * r
+        if self.scale:
+            scale = scale * self._param(self.gamma, x.dtype)
+        offset = self._param(self.beta, x.dtype) if self.center else None
+        if d is not None:
+            shift = d * self._param(self.gamma, x.dtype) if self.scale else d
+            offset = shift if offset is None else offset + shift
+        y = (x - mean) * scale
+        return y if offset is None else y + offset
+
+    def _batch_moments(self, x, weights):
+        """Batch statistics, shaped to broadcast against `x` (or its groups).
+
+        Returns `(x, count, mean, variance, pooled)`: `x` is regrouped for
+        ghost batches, and `pooled` is `(count, mean, variance)` per channel
+        for the moving averages.
+        """
+        count, mean, m2 = statistics.moments(
+            x, self._reduction_axes, weights
+        )
+        if self.synchronized:
+            count, mean, m2 = backends.cross_replica(count, mean, m2)
+        variance = m2 / ops.maximum(count, 1.0)
+        return count, mean, variance
+
+    def _train_step(self, x, weights):
+        count, mean, variance = self._batch_moments(x, weights)
+        moving_mean = self._param(self.moving_mean, x.dtype)
+        moving_variance = self._param(self.moving_variance, x.dtype)
+        # A channel with no values (all masked, empty batch) falls back to
+        # the moving statistics instead of dividing by zero.
+        empty = count <= 0
+        mean = ops.where(empty, moving_mean, mean)
+        variance = ops.where(empty, moving_variance, variance)
+        ok = statistics.finite(count, mean, variance)
+        if not self.skip_nonfinite_updates:
+            ok = None
+        r = d = None
+        if self.renorm:
+            r, d = self._renorm_correction(mean, variance)
+            self._update_renorm(mean, variance, ok)
+        else:
+            self._assign_ema(self.moving_mean, mean, self.momentum, ok)
+            self._assign_ema(self.moving_variance, variance, self.momentum, ok)
+        return self._normalize(x, mean, variance, r, d)
+
+    def _assign_ema(self, variable, value, momentum, ok):
+        old = ops.cast(variable, value.dtype)
+        value = ops.reshape(value, ops.shape(old))
+        new = old * momentum + value * (1.0 - momentum)
+        if ok is not None:
+            new = ops.where(ops.reshape(ok, ops.shape(old)), new, old)
+        variable.assign(ops.cast(ops.stop_gradient(new), variable.dtype))
+        return new
+
+    def _renorm_correction(self, mean, variance):
+        """Batch Renormalization's `(r, d)`, from the weights before update."""
+        stddev = ops.sqrt(variance + self.epsilon)
+        renorm_mean = self._param(self.renorm_mean, mean.dtype)
+        # Keep clear of division by zero early in training, as Keras does.
+        renorm_stddev = ops.maximum(
+            self._param(self.renorm_stddev, mean.dtype),
+            math.sqrt(self.epsilon),
+        )
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        if "rmin" in clipping:
+            r = ops.maximum(r, clipping["rmin"])
+        if "rmax" in clipping:
+            r = ops.minimum(r, clipping["rmax"])
+        if "dmax" in clipping:
+            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
+        return ops.stop_gradient(r), ops.stop_gradient(d)
+
+    def _update_renorm(self, mean, variance, ok):
+        stddev = ops.sqrt(variance + self.epsilon)
+        self._assign_ema(self.renorm_mean, mean, self.renorm_momentum, ok)
+        self._assign_ema(self.renorm_stddev, stddev, self.renorm_momentum, ok)
+        self._assign_ema(self.moving_mean, mean, self.momentum, ok)
+        moving_stddev = self._assign_ema(
+            self.moving_stddev, stddev, self.momentum, ok
+        )
+        # Inference reads moving_variance, kept consistent with the stddev.
+        self.moving_variance.assign(ops.cast(
+            ops.relu(ops.square(moving_stddev) - self.epsilon),
+            self.moving_variance.dtype,
+        ))
+
+    # ------------------------------------------------------------- serialize
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "synchronized": self.synchronized,
+            "data_format": self.data_format,
+            "virtual_batch_size": self.virtual_batch_size,
+            "skip_nonfinite_updates": self.skip_nonfinite_updates,
+            "fused": self.fused,
+        })
+        return config

@@ -1,0 +1,100 @@
+"""Batch statistics for batch normalization, written with `keras.ops` only.
+
+Every statistic travels as a triple `(count, mean, m2)`: the number of values,
+their mean and their centered sum of squares `sum((x - mean) ** 2)`. Triples
+from different groups (ghost batches, replicas) combine exactly with Chan et
+al.'s parallel formula, which is why nothing here ever forms
+`E[x^2] - E[x]^2`: that loses all precision when `|mean| >> std` and can go
+negative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from keras import ops
+
+
+def _count(x, axes: Sequence[int]):
+    """Number of values per reduced slice, as a float32 scalar."""
+    static = [x.shape[a] for a in axes]
+    if all(d is not None for d in static):
+        return ops.convert_to_tensor(float(math.prod(static)), "float32")
+    # Dynamic dimensions (symbolic batch size under tf.function).
+    shape = ops.shape(x)
+    n = ops.convert_to_tensor(1.0, "float32")
+    for a in axes:
+        n = n * ops.cast(shape[a], "float32")
+    return n
+
+
+def moments(x, axes: Sequence[int], weights=None):
+    """Count, mean and centered sum of squares of `x` over `axes`.
+
+    Uses the corrected two-pass algorithm: a first mean, then the sums of
+    deviations from it and of their squares, so that an inaccurate first mean
+    (float32 summation of values with a large common offset) is corrected
+    rather than squared into the variance.
+
+    Args:
+        x: Floating tensor (float32 or float64).
+        axes: Axes to reduce over.
+        weights: Optional 0/1 tensor broadcastable to `x`; zero entries are
+            left out of the statistics.
+
+    Returns:
+        `(count, mean, m2)`, each with the reduced axes kept as size 1.
+        A slice with no values has `count == 0` and `mean == m2 == 0` (so
+        that gradients stay finite); `finite()` flags it.
+    """
+    axes = tuple(axes)
+    if weights is None:
+        count = ops.cast(_count(x, axes), x.dtype)
+        present = None
+    else:
+        weights = ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x))
+        count = ops.sum(weights, axis=axes, keepdims=True)
+        # Masked-out entries may hold NaN/Inf: select, never multiply them.
+        present = weights > 0
+        x = ops.where(present, x, ops.zeros_like(x))
+    safe = ops.maximum(count, 1.0)
+    mean0 = ops.sum(x, axis=axes, keepdims=True) / safe
+    d = x - mean0
+    if present is not None:
+        d = ops.where(present, d, ops.zeros_like(d))
+    s1 = ops.sum(d, axis=axes, keepdims=True)
+    s2 = ops.sum(ops.square(d), axis=axes, keepdims=True)
+    mean = mean0 + s1 / safe
+    m2 = ops.maximum(s2 - ops.square(s1) / safe, 0.0)
+    count = ops.broadcast_to(count, ops.shape(mean))
+    return count, mean, m2
+
+
+def combine(counts, means, m2s, axis: int = 0):
+    """Pools `(count, mean, m2)` triples stacked along `axis` (Chan et al.).
+
+    Exact for any group sizes, empty groups included (they carry weight 0).
+    """
+    count = ops.sum(counts, axis=axis, keepdims=True)
+    weighted_means = ops.where(counts > 0, counts * means, 0.0)
+    mean = ops.sum(weighted_means, axis=axis, keepdims=True) / ops.maximum(
+        count, 1.0
+    )
+    spread = ops.where(
+        counts > 0, m2s + counts * ops.square(means - mean), 0.0
+    )
+    m2 = ops.sum(spread, axis=axis, keepdims=True)
+    return (
+        ops.squeeze(count, axis),
+        ops.squeeze(mean, axis),
+        ops.squeeze(m2, axis),
+    )
+
+
+def finite(count, mean, variance):
+    """Per channel: True where the statistics can update moving averages."""
+    return ops.logical_and(
+        count > 0,
+        ops.logical_and(ops.isfinite(mean), ops.isfinite(variance)),
+    )
