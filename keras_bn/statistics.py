@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from keras import ops
 
 
-def _count(x, axes: Sequence[int]):
+def count_values(x, axes: Sequence[int]):
     """Number of values per reduced slice, as a float32 scalar."""
     static = [x.shape[a] for a in axes]
     if all(d is not None for d in static):
@@ -50,7 +50,7 @@ def moments(x, axes: Sequence[int], weights=None):
     """
     axes = tuple(axes)
     if weights is None:
-        count = ops.cast(_count(x, axes), x.dtype)
+        count = ops.cast(count_values(x, axes), x.dtype)
         present = None
     else:
         weights = ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x))

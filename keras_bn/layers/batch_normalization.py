@@ -416,10 +416,59 @@ class BatchNormalization(keras.layers.Layer):
         if training and self.trainable:
             outputs = self._train_step(x, weights)
         else:
-            mean = self._param(self.moving_mean, x.dtype)
-            variance = self._param(self.moving_variance, x.dtype)
-            outputs = self._normalize(x, mean, variance)
+            outputs = self._fused_infer(x)
+            if outputs is None:
+                mean = self._param(self.moving_mean, x.dtype)
+                variance = self._param(self.moving_variance, x.dtype)
+                outputs = self._normalize(x, mean, variance)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _vector(self, variable, dtype):
+        return None if variable is None else ops.cast(variable, dtype)
+
+    def _fused_infer(self, x):
+        if self.fused is False or len(self._axes) != 1:
+            return None
+        return backends.fused_infer(
+            x,
+            self._vector(self.moving_mean, x.dtype),
+            self._vector(self.moving_variance, x.dtype),
+            self._vector(self.gamma, x.dtype),
+            self._vector(self.beta, x.dtype),
+            self.epsilon,
+            self._axes[0],
+        )
+
+    def _fused_train(self, x, weights):
+        """`(outputs, mean, variance)` from the backend's kernel, or None.
+
+        Declines wherever the fused kernel could change results: masks,
+        renorm, ghost batches, synchronized statistics, several axes.
+        """
+        if (
+            self.fused is False
+            or weights is not None
+            or self.renorm
+            or self.virtual_batch_size is not None
+            or self.synchronized
+            or len(self._axes) != 1
+        ):
+            return None
+        fused = backends.fused_train(
+            x,
+            self._vector(self.gamma, x.dtype),
+            self._vector(self.beta, x.dtype),
+            self.epsilon,
+            self._axes[0],
+        )
+        if fused is None:
+            return None
+        outputs, mean, variance = fused
+        ones = ops.ones_like(mean)
+        count = ones * ops.cast(
+            statistics.count_values(x, self._reduction_axes), mean.dtype
+        )
+        return outputs, count, mean, variance
 
     def _normalize(self, x, mean, variance, r=None, d=None):
         """`gamma * ((x - mean) / sqrt(variance + eps) * r + d) + beta`."""
@@ -435,41 +484,99 @@ class BatchNormalization(keras.layers.Layer):
         y = (x - mean) * scale
         return y if offset is None else y + offset
 
-    def _batch_moments(self, x, weights):
-        """Batch statistics, shaped to broadcast against `x` (or its groups).
+    def _ghost_split(self, x, weights):
+        """Regroups the batch as `(groups, virtual_batch_size, ...)`.
 
-        Returns `(x, count, mean, variance, pooled)`: `x` is regrouped for
-        ghost batches, and `pooled` is `(count, mean, variance)` per channel
-        for the moving averages.
+        A batch that is not a multiple of `virtual_batch_size` is padded with
+        rows that the returned weights leave out, so the last group is
+        simply smaller.
         """
-        count, mean, m2 = statistics.moments(
-            x, self._reduction_axes, weights
+        n = self.virtual_batch_size
+        rest = tuple(x.shape[1:])
+        batch = x.shape[0]
+        if batch is not None and batch % n == 0:
+            groups = batch // n
+            if weights is not None:
+                weights = ops.reshape(
+                    ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x)),
+                    (groups, n) + rest,
+                )
+            return ops.reshape(x, (groups, n) + rest), weights
+        batch = ops.shape(x)[0]
+        groups = (batch + n - 1) // n
+        pad = groups * n - batch
+        if weights is None:
+            weights = ops.ones_like(x)
+        weights = ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x))
+        zeros = ops.zeros((pad,) + rest, x.dtype)
+        x = ops.concatenate([x, zeros], axis=0)
+        weights = ops.concatenate([weights, zeros], axis=0)
+        return (
+            ops.reshape(x, (groups, n) + rest),
+            ops.reshape(weights, (groups, n) + rest),
         )
+
+    def _batch_moments(self, x, weights):
+        """Batch statistics for `x`, shaped to broadcast against it.
+
+        Returns `(x, count, mean, variance, pooled)`. For ghost batches `x`
+        comes back regrouped as `(groups, virtual_batch_size, ...)` with
+        statistics per group, and `pooled` holds the count-weighted averages
+        of the groups' means and variances (for the moving statistics);
+        otherwise `pooled` is `(count, mean, variance)` itself.
+        """
+        axes = self._reduction_axes
+        if self.virtual_batch_size is not None:
+            x, weights = self._ghost_split(x, weights)
+            axes = (1,) + tuple(a + 1 for a in axes if a != 0)
+        count, mean, m2 = statistics.moments(x, axes, weights)
         if self.synchronized:
             count, mean, m2 = backends.cross_replica(count, mean, m2)
         variance = m2 / ops.maximum(count, 1.0)
-        return count, mean, variance
+        if self.virtual_batch_size is None:
+            return x, count, mean, variance, (count, mean, variance)
+        total, pooled_mean, _ = statistics.combine(count, mean, m2)
+        # The average of the groups' variances, not the pooled variance:
+        # the spread between groups is not what ghost BN normalizes away.
+        within = ops.sum(m2, axis=0) / ops.maximum(total, 1.0)
+        return x, count, mean, variance, (total, pooled_mean, within)
 
     def _train_step(self, x, weights):
-        count, mean, variance = self._batch_moments(x, weights)
-        moving_mean = self._param(self.moving_mean, x.dtype)
-        moving_variance = self._param(self.moving_variance, x.dtype)
+        fused = self._fused_train(x, weights)
+        if fused is not None:
+            outputs, count, mean, variance = fused
+            self._update_moving(count, mean, variance)
+            return outputs
+        batch = ops.shape(x)[0]
+        x, count, mean, variance, pooled = self._batch_moments(x, weights)
         # A channel with no values (all masked, empty batch) falls back to
         # the moving statistics instead of dividing by zero.
         empty = count <= 0
-        mean = ops.where(empty, moving_mean, mean)
-        variance = ops.where(empty, moving_variance, variance)
-        ok = statistics.finite(count, mean, variance)
-        if not self.skip_nonfinite_updates:
-            ok = None
+        mean = ops.where(empty, self._param(self.moving_mean, x.dtype), mean)
+        variance = ops.where(
+            empty, self._param(self.moving_variance, x.dtype), variance
+        )
         r = d = None
         if self.renorm:
             r, d = self._renorm_correction(mean, variance)
+        self._update_moving(*pooled)
+        outputs = self._normalize(x, mean, variance, r, d)
+        if self.virtual_batch_size is not None:
+            outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
+            outputs = outputs[:batch]
+        return outputs
+
+    def _update_moving(self, count, mean, variance):
+        """Moves the moving statistics towards the batch's, per channel,
+        skipping channels whose statistics are not finite."""
+        ok = None
+        if self.skip_nonfinite_updates:
+            ok = statistics.finite(count, mean, variance)
+        if self.renorm:
             self._update_renorm(mean, variance, ok)
         else:
             self._assign_ema(self.moving_mean, mean, self.momentum, ok)
             self._assign_ema(self.moving_variance, variance, self.momentum, ok)
-        return self._normalize(x, mean, variance, r, d)
 
     def _assign_ema(self, variable, value, momentum, ok):
         old = ops.cast(variable, value.dtype)
