@@ -29,13 +29,17 @@ def count_values(x, axes: Sequence[int]):
     return n
 
 
-def moments(x, axes: Sequence[int], weights=None):
-    """Count, mean and centered sum of squares of `x` over `axes`.
+def shifted_moments(x, axes: Sequence[int], weights=None):
+    """Count, shift, mean offset and centered sum of squares of `x`.
 
-    Uses the corrected two-pass algorithm: a first mean, then the sums of
-    deviations from it and of their squares, so that an inaccurate first mean
-    (float32 summation of values with a large common offset) is corrected
-    rather than squared into the variance.
+    The corrected two-pass algorithm: a first mean `shift` (held constant
+    for autodiff: every result below is exact for any constant shift), then
+    the sums of deviations from it and of their squares, so that an
+    inaccurate first mean (float32 summation of values with a large common
+    offset) is corrected rather than squared into the variance. The mean is
+    `shift + delta`; keeping the two apart lets callers form
+    `(x - shift) - delta`, which is exact to float32 precision of the
+    deviation even where `mean` itself cannot be represented that well.
 
     Args:
         x: Floating tensor (float32 or float64).
@@ -44,8 +48,8 @@ def moments(x, axes: Sequence[int], weights=None):
             left out of the statistics.
 
     Returns:
-        `(count, mean, m2)`, each with the reduced axes kept as size 1.
-        A slice with no values has `count == 0` and `mean == m2 == 0` (so
+        `(count, shift, delta, m2)`, each with the reduced axes kept as size
+        1. A slice with no values has `count == 0` and zero statistics (so
         that gradients stay finite); `finite()` flags it.
     """
     axes = tuple(axes)
@@ -59,16 +63,22 @@ def moments(x, axes: Sequence[int], weights=None):
         present = weights > 0
         x = ops.where(present, x, ops.zeros_like(x))
     safe = ops.maximum(count, 1.0)
-    mean0 = ops.sum(x, axis=axes, keepdims=True) / safe
-    d = x - mean0
+    shift = ops.stop_gradient(ops.sum(x, axis=axes, keepdims=True) / safe)
+    d = x - shift
     if present is not None:
         d = ops.where(present, d, ops.zeros_like(d))
     s1 = ops.sum(d, axis=axes, keepdims=True)
     s2 = ops.sum(ops.square(d), axis=axes, keepdims=True)
-    mean = mean0 + s1 / safe
-    m2 = ops.maximum(s2 - ops.square(s1) / safe, 0.0)
-    count = ops.broadcast_to(count, ops.shape(mean))
-    return count, mean, m2
+    delta = s1 / safe
+    m2 = ops.maximum(s2 - s1 * delta, 0.0)
+    count = ops.broadcast_to(count, ops.shape(shift))
+    return count, shift, delta, m2
+
+
+def moments(x, axes: Sequence[int], weights=None):
+    """`(count, mean, m2)` of `x` over `axes`; see `shifted_moments`."""
+    count, shift, delta, m2 = shifted_moments(x, axes, weights)
+    return count, shift + delta, m2
 
 
 def combine(counts, means, m2s, axis: int = 0):

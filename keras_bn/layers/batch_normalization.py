@@ -470,8 +470,12 @@ class BatchNormalization(keras.layers.Layer):
         )
         return outputs, count, mean, variance
 
-    def _normalize(self, x, mean, variance, r=None, d=None):
-        """`gamma * ((x - mean) / sqrt(variance + eps) * r + d) + beta`."""
+    def _normalize(self, x, mean, variance, r=None, d=None, delta=None):
+        """`gamma * ((x - mean) / sqrt(variance + eps) * r + d) + beta`.
+
+        With `delta`, the mean is `mean + delta` and is subtracted in two
+        steps, which keeps float32 exactness for inputs far from zero.
+        """
         scale = ops.rsqrt(variance + self.epsilon)
         if r is not None:
             scale = scale * r
@@ -481,7 +485,10 @@ class BatchNormalization(keras.layers.Layer):
         if d is not None:
             shift = d * self._param(self.gamma, x.dtype) if self.scale else d
             offset = shift if offset is None else offset + shift
-        y = (x - mean) * scale
+        centered = x - mean
+        if delta is not None:
+            centered = centered - delta
+        y = centered * scale
         return y if offset is None else y + offset
 
     def _ghost_split(self, x, weights):
@@ -519,27 +526,30 @@ class BatchNormalization(keras.layers.Layer):
     def _batch_moments(self, x, weights):
         """Batch statistics for `x`, shaped to broadcast against it.
 
-        Returns `(x, count, mean, variance, pooled)`. For ghost batches `x`
-        comes back regrouped as `(groups, virtual_batch_size, ...)` with
-        statistics per group, and `pooled` holds the count-weighted averages
-        of the groups' means and variances (for the moving statistics);
-        otherwise `pooled` is `(count, mean, variance)` itself.
+        Returns `(x, count, shift, delta, variance, pooled)`, the batch mean
+        being `shift + delta`. For ghost batches `x` comes back regrouped as
+        `(groups, virtual_batch_size, ...)` with statistics per group, and
+        `pooled` holds the count-weighted averages of the groups' means and
+        variances (for the moving statistics); otherwise `pooled` is
+        `(count, mean, variance)` of the batch.
         """
         axes = self._reduction_axes
         if self.virtual_batch_size is not None:
             x, weights = self._ghost_split(x, weights)
             axes = (1,) + tuple(a + 1 for a in axes if a != 0)
-        count, mean, m2 = statistics.moments(x, axes, weights)
+        count, shift, delta, m2 = statistics.shifted_moments(x, axes, weights)
         if self.synchronized:
-            count, mean, m2 = backends.cross_replica(count, mean, m2)
+            count, mean, m2 = backends.cross_replica(count, shift + delta, m2)
+            delta = mean - shift
         variance = m2 / ops.maximum(count, 1.0)
         if self.virtual_batch_size is None:
-            return x, count, mean, variance, (count, mean, variance)
-        total, pooled_mean, _ = statistics.combine(count, mean, m2)
-        # The average of the groups' variances, not the pooled variance:
-        # the spread between groups is not what ghost BN normalizes away.
-        within = ops.sum(m2, axis=0) / ops.maximum(total, 1.0)
-        return x, count, mean, variance, (total, pooled_mean, within)
+            pooled = (count, shift + delta, variance)
+        else:
+            total, pooled_mean, _ = statistics.combine(count, shift + delta, m2)
+            # The average of the groups' variances, not the pooled variance:
+            # the spread between groups is not what ghost BN normalizes away.
+            pooled = (total, pooled_mean, ops.sum(m2, 0) / ops.maximum(total, 1.0))
+        return x, count, shift, delta, variance, pooled
 
     def _train_step(self, x, weights):
         fused = self._fused_train(x, weights)
@@ -548,19 +558,22 @@ class BatchNormalization(keras.layers.Layer):
             self._update_moving(count, mean, variance)
             return outputs
         batch = ops.shape(x)[0]
-        x, count, mean, variance, pooled = self._batch_moments(x, weights)
+        x, count, shift, delta, variance, pooled = self._batch_moments(
+            x, weights
+        )
         # A channel with no values (all masked, empty batch) falls back to
         # the moving statistics instead of dividing by zero.
         empty = count <= 0
-        mean = ops.where(empty, self._param(self.moving_mean, x.dtype), mean)
+        shift = ops.where(empty, self._param(self.moving_mean, x.dtype), shift)
+        delta = ops.where(empty, 0.0, delta)
         variance = ops.where(
             empty, self._param(self.moving_variance, x.dtype), variance
         )
         r = d = None
         if self.renorm:
-            r, d = self._renorm_correction(mean, variance)
+            r, d = self._renorm_correction(shift + delta, variance)
         self._update_moving(*pooled)
-        outputs = self._normalize(x, mean, variance, r, d)
+        outputs = self._normalize(x, shift, variance, r, d, delta)
         if self.virtual_batch_size is not None:
             outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
             outputs = outputs[:batch]

@@ -1,0 +1,127 @@
+"""Independent float64 NumPy batch normalization: the paper, written out.
+
+Ioffe & Szegedy (2015), Algorithm 1 and the backward equations of Section 3,
+extended with 0/1 weights (masks) and Batch Renormalization's (r, d)
+(Ioffe, 2017). Nothing here imports keras_bn: the tests compare the layer
+against this.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _shape(x, feature_axes):
+    return [x.shape[i] if i in feature_axes else 1 for i in range(x.ndim)]
+
+
+def _reduction(x, feature_axes):
+    return tuple(i for i in range(x.ndim) if i not in feature_axes)
+
+
+def param(v, x, feature_axes):
+    """Reshapes a per-channel vector (or array over the feature axes)."""
+    return np.asarray(v, np.float64).reshape(_shape(x, feature_axes))
+
+
+def batch_stats(x, feature_axes, w=None):
+    """Algorithm 1: per-channel count, mean and biased variance."""
+    x = np.asarray(x, np.float64)
+    red = _reduction(x, feature_axes)
+    w = np.ones_like(x) if w is None else np.broadcast_to(w, x.shape) * 1.0
+    m = w.sum(axis=red, keepdims=True)
+    mu = (w * x).sum(axis=red, keepdims=True) / m
+    var = (w * (x - mu) ** 2).sum(axis=red, keepdims=True) / m
+    return m, mu, var
+
+
+def forward_train(x, feature_axes, gamma, beta, eps, w=None, r=None, d=None):
+    """Training-mode output `gamma * (xhat * r + d) + beta`, and stats."""
+    x = np.asarray(x, np.float64)
+    m, mu, var = batch_stats(x, feature_axes, w)
+    xhat = (x - mu) / np.sqrt(var + eps)
+    if r is not None:
+        xhat = xhat * param(r, x, feature_axes) + param(d, x, feature_axes)
+    y = param(gamma, x, feature_axes) * xhat + param(beta, x, feature_axes)
+    return y, mu, var
+
+
+def backward_train(x, dy, feature_axes, gamma, eps, w=None, r=None, d=None):
+    """Section 3's gradients, w.r.t. x, gamma and beta (training mode).
+
+    The gradient flows through mu_B and sigma2_B; with a mask, masked-out
+    entries are still normalized (so they get the direct term) but do not
+    enter the statistics. r and d are constants (stop_gradient).
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    red = _reduction(x, feature_axes)
+    w = np.ones_like(x) if w is None else np.broadcast_to(w, x.shape) * 1.0
+    m, mu, var = batch_stats(x, feature_axes, w)
+    inv = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mu) * inv
+    g = param(gamma, x, feature_axes)
+    rr = 1.0 if r is None else param(r, x, feature_axes)
+    dd = 0.0 if d is None else param(d, x, feature_axes)
+    dxhat = dy * g * rr
+    dvar = np.sum(dxhat * (x - mu), axis=red, keepdims=True) * -0.5 * inv**3
+    dmu = np.sum(dxhat * -inv, axis=red, keepdims=True) + dvar * np.sum(
+        w * -2.0 * (x - mu), axis=red, keepdims=True
+    ) / m
+    dx = dxhat * inv + w * (dvar * 2.0 * (x - mu) / m + dmu / m)
+    dgamma = np.sum(dy * (xhat * rr + dd), axis=red)
+    dbeta = np.sum(dy, axis=red)
+    return dx, dgamma, dbeta
+
+
+def forward_infer(x, feature_axes, gamma, beta, mean, variance, eps):
+    x = np.asarray(x, np.float64)
+    p = lambda v: param(v, x, feature_axes)  # noqa: E731
+    return p(gamma) * (x - p(mean)) / np.sqrt(p(variance) + eps) + p(beta)
+
+
+def backward_infer(x, dy, feature_axes, gamma, mean, variance, eps):
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    red = _reduction(x, feature_axes)
+    p = lambda v: param(v, x, feature_axes)  # noqa: E731
+    inv = 1.0 / np.sqrt(p(variance) + eps)
+    dx = dy * p(gamma) * inv
+    dgamma = np.sum(dy * (x - p(mean)) * inv, axis=red)
+    dbeta = np.sum(dy, axis=red)
+    return dx, dgamma, dbeta
+
+
+def ema(old, new, momentum):
+    """Keras's moving average: `old * momentum + new * (1 - momentum)`."""
+    return np.asarray(old, np.float64) * momentum + np.asarray(
+        new, np.float64
+    ) * (1.0 - momentum)
+
+
+def renorm_correction(mu, var, renorm_mean, renorm_stddev, eps, clipping):
+    """Batch Renormalization's r and d, from the moving values before update.
+
+    `renorm_stddev` is floored at sqrt(eps), as Keras does early in training.
+    """
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.maximum(renorm_stddev, np.sqrt(eps))
+    r = sigma_b / sigma
+    d = (mu - renorm_mean) / sigma
+    if "rmin" in clipping:
+        r = np.maximum(r, clipping["rmin"])
+    if "rmax" in clipping:
+        r = np.minimum(r, clipping["rmax"])
+    if "dmax" in clipping:
+        d = np.clip(d, -clipping["dmax"], clipping["dmax"])
+    return r, d
+
+
+def assert_close(actual, expected, tol=1e-5, what=""):
+    """Max abs error within `tol` times the reference's scale (at least 1)."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    err = float(np.max(np.abs(actual - expected), initial=0.0))
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
