@@ -29,6 +29,18 @@ def count_values(x, axes: Sequence[int]):
     return n
 
 
+def _blocked_sum(x, axes: Sequence[int]):
+    """Sum over `axes`, one axis at a time.
+
+    Partial sums keep the rounding error of a long float32 sum with a large
+    common offset small on backends whose reductions accumulate
+    sequentially (TensorFlow on CPU).
+    """
+    for a in sorted(axes, reverse=True):
+        x = ops.sum(x, axis=a, keepdims=True)
+    return x
+
+
 def shifted_moments(x, axes: Sequence[int], weights=None):
     """Count, shift, mean offset and centered sum of squares of `x`.
 
@@ -63,7 +75,7 @@ def shifted_moments(x, axes: Sequence[int], weights=None):
         present = weights > 0
         x = ops.where(present, x, ops.zeros_like(x))
     safe = ops.maximum(count, 1.0)
-    shift = ops.stop_gradient(ops.sum(x, axis=axes, keepdims=True) / safe)
+    shift = ops.stop_gradient(_blocked_sum(x, axes) / safe)
     d = x - shift
     if present is not None:
         d = ops.where(present, d, ops.zeros_like(d))

@@ -1,0 +1,59 @@
+"""Runs the test suite once per Keras backend and fails if any backend fails.
+
+Usage: python tests/run_backends.py [pytest arguments...]
+Each backend runs in its own process (KERAS_BACKEND is fixed at import).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+BACKENDS = ("tensorflow", "jax", "torch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _count(pattern: str, text: str) -> int:
+    match = re.search(rf"(\d+) {pattern}", text)
+    return int(match.group(1)) if match else 0
+
+
+def main(argv: list[str]) -> int:
+    totals = {"passed": 0, "failed": 0, "errors": 0}
+    failed_backends = []
+    for backend in BACKENDS:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        start = time.time()
+        print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
+             *argv],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+        code = proc.wait()
+        summary = "".join(lines[-5:])
+        totals["passed"] += _count("passed", summary)
+        totals["failed"] += _count("failed", summary)
+        totals["errors"] += _count("errors?", summary)
+        print(f"===== {backend}: exit {code} in {time.time() - start:.0f} s =====",
+              flush=True)
+        if code != 0:
+            failed_backends.append(backend)
+    print("\nbackends failed: " + (", ".join(failed_backends) or "none"))
+    bad = totals["failed"] + totals["errors"]
+    if failed_backends and bad == 0:
+        bad = len(failed_backends)  # a backend that crashed or collected nothing
+    print(f"{totals['passed']} passed, {bad} failed")
+    return 1 if failed_backends else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
