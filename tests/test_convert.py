@@ -1,0 +1,226 @@
+"""Tests for `keras_bn.convert`.
+
+Every original model gets random moving statistics, gamma and beta first:
+with the initial ones (0, 1, 1, 0) a batch-norm layer is nearly the
+identity at inference and a wrong conversion could still predict the same.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+from keras_bn.convert import convert
+
+_KERAS_BN = keras.layers.BatchNormalization
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _all_layers(model):
+    return model._flatten_layers(include_self=False)
+
+
+def _randomize_bn(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in _all_layers(model):
+        if isinstance(layer, (_KERAS_BN, keras_bn.BatchNormalization)):
+            for variable, low, high in (
+                (layer.moving_mean, -1.0, 1.0),
+                (layer.moving_variance, 0.3, 3.0),
+                (layer.gamma, 0.5, 1.5),
+                (layer.beta, -0.5, 0.5),
+            ):
+                if variable is not None:  # center=False / scale=False
+                        variable.assign(rng.uniform(low, high, variable.shape)
+                                    .astype(variable.dtype))
+
+
+def _count(model, cls):
+    return sum(type(layer) is cls for layer in _all_layers(model))
+
+
+def _assert_same_predictions(original, converted, x, tol=1e-6):
+    expected = _np(original(x, training=False))
+    got = _np(converted(x, training=False))
+    # Inference normalizations differ only in rounding; the tolerance is
+    # relative to the outputs' scale.
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tol * scale)
+    return expected
+
+
+def _nested_model():
+    inner = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(8, activation="relu"),
+        _KERAS_BN(momentum=0.9, epsilon=1e-2, name="inner_bn"),
+    ], name="inner")
+    inputs = keras.Input((6,), name="features")
+    h = keras.layers.Dense(8, name="d1")(inputs)
+    h = _KERAS_BN(center=False, name="outer_bn")(h)
+    h = inner(h)
+    shared = keras.layers.Dense(8, activation="tanh", name="shared")
+    h = shared(shared(h))
+    h = keras_bn.BatchNormalization(name="ours")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+
+def test_nested_functional_model_converts_with_weights_and_configs():
+    model = _nested_model()
+    model.get_layer("inner").get_layer("inner_bn").trainable = False
+    _randomize_bn(model)
+    x = np.random.default_rng(1).normal(size=(5, 6)).astype("float32")
+    converted = convert(model)
+    assert _count(converted, _KERAS_BN) == 0
+    assert _count(converted, keras_bn.BatchNormalization) == 3
+    assert _count(model, _KERAS_BN) == 2  # the original is untouched
+    _assert_same_predictions(model, converted, x)
+    inner_bn = converted.get_layer("inner").get_layer("inner_bn")
+    assert isinstance(inner_bn, keras_bn.BatchNormalization)
+    assert (inner_bn.momentum, inner_bn.epsilon) == (0.9, 1e-2)
+    assert not inner_bn.trainable
+    assert converted.get_layer("outer_bn").center is False
+    assert [layer.name for layer in _all_layers(converted)] == [
+        layer.name for layer in _all_layers(model)]
+    # A layer shared in the original is shared in the copy.
+    assert len(converted.get_layer("shared")._inbound_nodes) == 2
+    # The copy owns its weights.
+    converted.get_layer("d1").kernel.assign(
+        np.zeros((6, 8), dtype="float32"))
+    assert np.abs(_np(model.get_layer("d1").kernel)).sum() > 0
+
+
+def test_sequential_built_by_a_call_and_frozen_model():
+    model = keras.Sequential([
+        keras.layers.Conv2D(4, 3),
+        _KERAS_BN(axis=1),  # normalizes the rows, not the channels
+        keras.layers.Flatten(),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(2),
+    ])
+    x = np.random.default_rng(2).normal(size=(3, 7, 7, 2)).astype("float32")
+    model(x)
+    model.trainable = False
+    _randomize_bn(model)
+    converted = convert(model)
+    bn = converted.layers[1]
+    assert isinstance(bn, keras_bn.BatchNormalization)
+    assert bn.axis == 1 and tuple(bn.moving_mean.shape) == (5,)
+    assert not converted.trainable and not bn.trainable
+    _assert_same_predictions(model, converted, x)
+
+
+def test_dtype_policy_carries_over():
+    inputs = keras.Input((4,), dtype="float64")
+    outputs = _KERAS_BN(dtype="float64")(inputs)
+    model = keras.Model(inputs, outputs)
+    _randomize_bn(model)
+    converted = convert(model)
+    bn = converted.layers[1]
+    assert bn.dtype_policy.name == "float64"
+    assert bn.moving_mean.dtype == "float64"
+    x = np.random.default_rng(3).normal(size=(4, 4))
+    _assert_same_predictions(model, converted, x)
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("ResNet50", (32, 32, 3)),
+    ("MobileNetV2", (32, 32, 3)),
+])
+def test_keras_applications(name, shape):
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=shape, classes=10,
+        classifier_activation=None,
+    )
+    _randomize_bn(model)
+    x = np.random.default_rng(4).uniform(0, 1, (2,) + shape).astype(
+        "float32")
+    n_bn = _count(model, _KERAS_BN)
+    assert n_bn > 50
+    converted = convert(model)
+    assert _count(converted, _KERAS_BN) == 0
+    assert _count(converted, keras_bn.BatchNormalization) == n_bn
+    logits = _assert_same_predictions(model, converted, x)
+    assert np.std(logits) > 1e-3  # the comparison is not trivial
+
+
+def test_overrides_apply_to_every_batch_norm_layer():
+    model = _nested_model()
+    _randomize_bn(model)
+    converted = convert(model, synchronized=True, virtual_batch_size=32)
+    layers = [layer for layer in _all_layers(converted)
+              if isinstance(layer, keras_bn.BatchNormalization)]
+    assert len(layers) == 3  # ours ("ours") included
+    for layer in layers:
+        config = layer.get_config()
+        assert config["synchronized"] is True
+        assert config["virtual_batch_size"] == 32
+    # Neither changes inference.
+    x = np.random.default_rng(5).normal(size=(4, 6)).astype("float32")
+    _assert_same_predictions(model, converted, x)
+
+
+def test_renorm_override_starts_from_the_moving_statistics():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, _KERAS_BN(name="bn")(inputs))
+    _randomize_bn(model)
+    bn = convert(model, renorm=True).get_layer("bn")
+    variance = _np(model.layers[1].moving_variance)
+    stddev = np.sqrt(variance + bn.epsilon)
+    np.testing.assert_allclose(_np(bn.moving_variance), variance)
+    np.testing.assert_allclose(_np(bn.moving_stddev), stddev, rtol=1e-6)
+    np.testing.assert_allclose(_np(bn.renorm_stddev), stddev, rtol=1e-6)
+    np.testing.assert_allclose(_np(bn.renorm_mean),
+                               _np(model.layers[1].moving_mean))
+
+
+def test_single_layer():
+    layer = _KERAS_BN(epsilon=0.5)
+    layer.build((None, 3))
+    _randomize_bn(keras.Sequential([layer]))
+    converted = convert(layer)
+    assert isinstance(converted, keras_bn.BatchNormalization)
+    assert converted.epsilon == 0.5
+    for original, copy in zip(layer.weights, converted.weights):
+        np.testing.assert_array_equal(_np(copy), _np(original))
+
+
+class _Block(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = _KERAS_BN()
+
+    def call(self, x):
+        return self.norm(x)
+
+
+class _MyBN(_KERAS_BN):
+    pass
+
+
+def test_unconvertible_layers():
+    inputs = keras.Input((3,))
+    hidden = keras.Model(inputs, _Block(name="block")(inputs))
+    with pytest.raises(TypeError, match="block"):
+        convert(hidden)
+    subclass = keras.Model(inputs, _MyBN(name="mine")(inputs))
+    with pytest.warns(UserWarning, match="mine"):
+        converted = convert(subclass)
+    assert type(converted.get_layer("mine")) is _MyBN
+
+
+def test_bad_overrides():
+    model = _nested_model()
+    with pytest.raises(TypeError, match="virtual_batchsize"):
+        convert(model, virtual_batchsize=32)
+    with pytest.raises(TypeError, match="'name'"):
+        convert(model, name="bn")
+    with pytest.raises(ValueError, match="virtual_batch_size=0"):
+        convert(model, virtual_batch_size=0)
+    with pytest.raises(TypeError, match="model="):
+        convert("model")
