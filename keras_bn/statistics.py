@@ -93,25 +93,31 @@ def moments(x, axes: Sequence[int], weights=None):
     return count, shift + delta, m2
 
 
-def combine(counts, means, m2s, axis: int = 0):
-    """Pools `(count, mean, m2)` triples stacked along `axis` (Chan et al.).
+def combine(counts, shifts, deltas, m2s, shift=0.0, axis: int = 0):
+    """Pools groups' statistics stacked along `axis` (Chan et al.).
 
-    Exact for any group sizes, empty groups included (they carry weight 0).
+    Each group holds `count` values with mean `shifts + deltas` and centered
+    sum of squares `m2s`. The pooled mean is returned as an offset from
+    `shift` (a caller's own shift, so that it can keep centering in two
+    exact steps), computed from the differences `shifts - shift`, which are
+    small and exact where the groups are alike. Exact for any group sizes;
+    empty groups carry weight 0.
+
+    Returns:
+        `(count, delta, m2)` of the pooled values, `axis` removed; the
+        pooled mean is `shift + delta`.
     """
     count = ops.sum(counts, axis=axis, keepdims=True)
-    weighted_means = ops.where(counts > 0, counts * means, 0.0)
-    mean = ops.sum(weighted_means, axis=axis, keepdims=True) / ops.maximum(
-        count, 1.0
-    )
+    present = counts > 0
+    offsets = (shifts - shift) + deltas
+    delta = ops.sum(
+        ops.where(present, counts * offsets, 0.0), axis=axis, keepdims=True
+    ) / ops.maximum(count, 1.0)
     spread = ops.where(
-        counts > 0, m2s + counts * ops.square(means - mean), 0.0
+        present, m2s + counts * ops.square(offsets - delta), 0.0
     )
     m2 = ops.sum(spread, axis=axis, keepdims=True)
-    return (
-        ops.squeeze(count, axis),
-        ops.squeeze(mean, axis),
-        ops.squeeze(m2, axis),
-    )
+    return tuple(ops.squeeze(t, axis) for t in (count, delta, m2))
 
 
 def finite(count, mean, variance):

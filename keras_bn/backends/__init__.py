@@ -1,7 +1,7 @@
 """What `keras.ops` cannot express, one small module per backend.
 
-`cross_replica(count, mean, m2)` pools per-replica statistics inside a
-distributed step; `fused_*` are the backends' own fused kernels.
+`num_replicas` and `cross_replica` deal with distributed steps; `fused_*`
+are the backends' own fused kernels.
 """
 
 from __future__ import annotations
@@ -17,12 +17,33 @@ def _module():
     )
 
 
-def cross_replica(count, mean, m2):
-    """Pools `(count, mean, m2)` over the replicas of a distributed step.
+def num_replicas() -> int:
+    """How many data-parallel replicas the current step runs on (1 if none).
 
-    Outside a distribution context this returns its arguments unchanged.
+    TensorFlow: the replicas of the `tf.distribute` strategy in whose replica
+    context the layer is called. JAX: the batch shards of the active
+    `keras.distribution`. PyTorch: the world size of `torch.distributed`.
     """
-    return _module().cross_replica(count, mean, m2)
+    return _module().num_replicas()
+
+
+def replica_sees_global_batch() -> bool:
+    """True where one layer call sees the whole global batch (JAX under
+    `keras.distribution`: the step is compiled once over globally sharded
+    arrays, so plain reductions already give global-batch statistics)."""
+    return getattr(_module(), "SEES_GLOBAL_BATCH", False)
+
+
+def cross_replica(count, shift, delta, m2):
+    """Global-batch statistics from each replica's `(count, shift, delta, m2)`.
+
+    One collective gathers every replica's statistics; they are pooled with
+    `statistics.combine` relative to the local `shift`.
+
+    Returns:
+        `(count, delta, m2)` of the global batch (mean `shift + delta`).
+    """
+    return _module().cross_replica(count, shift, delta, m2)
 
 
 def fused_train(inputs, gamma, beta, epsilon: float, axis: int):

@@ -78,6 +78,11 @@ def _check_clipping(renorm_clipping) -> dict | None:
     return clipping
 
 
+def _fresh(initializer):
+    """A new instance of `initializer` (a seeded one must not be reused)."""
+    return initializers.get(initializers.serialize(initializer))
+
+
 @keras.saving.register_keras_serializable(package="keras_bn")
 class BatchNormalization(keras.layers.Layer):
     """Batch normalization (Ioffe & Szegedy, 2015), exact on every backend.
@@ -306,58 +311,42 @@ class BatchNormalization(keras.layers.Layer):
             input_shape[i] if i in axes else 1 for i in range(len(input_shape))
         )
         if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape, name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True, autocast=False,
-            )
+            self.gamma = self._add(shape, "gamma", self.gamma_initializer,
+                                   self.gamma_regularizer, self.gamma_constraint)
         if self.center:
-            self.beta = self.add_weight(
-                shape=shape, name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True, autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape, name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False, autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape, name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False, autocast=False,
-        )
+            self.beta = self._add(shape, "beta", self.beta_initializer,
+                                  self.beta_regularizer, self.beta_constraint)
+        self.moving_mean = self._add(shape, "moving_mean",
+                                     self.moving_mean_initializer)
+        self.moving_variance = self._add(shape, "moving_variance",
+                                         self.moving_variance_initializer)
         if self.renorm:
             # Same extra weights, names and order as Keras's layer.
             def stddev_initializer(shape, dtype=None):
-                init = initializers.get(
-                    initializers.serialize(self.moving_variance_initializer)
-                )
+                init = _fresh(self.moving_variance_initializer)
                 return ops.sqrt(init(shape, dtype=dtype))
 
-            self.moving_stddev = self.add_weight(
-                shape=shape, name="moving_stddev",
-                initializer=stddev_initializer,
-                trainable=False, autocast=False,
+            self.moving_stddev = self._add(shape, "moving_stddev",
+                                           stddev_initializer)
+            self.renorm_mean = self._add(
+                shape, "renorm_mean", _fresh(self.moving_mean_initializer)
             )
-            self.renorm_mean = self.add_weight(
-                shape=shape, name="renorm_mean",
-                initializer=initializers.get(
-                    initializers.serialize(self.moving_mean_initializer)
-                ),
-                trainable=False, autocast=False,
-            )
-            self.renorm_stddev = self.add_weight(
-                shape=shape, name="renorm_stddev",
-                initializer=stddev_initializer,
-                trainable=False, autocast=False,
-            )
+            self.renorm_stddev = self._add(shape, "renorm_stddev",
+                                           stddev_initializer)
         self.input_spec = keras.layers.InputSpec(
             ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
+        )
+
+    def _add(self, shape, name, initializer, regularizer=None,
+             constraint=None):
+        """gamma/beta are trainable; the statistics are state, averaged
+        across replicas where the engine mirrors variables (tf.distribute)."""
+        trainable = name in ("gamma", "beta")
+        return self.add_weight(
+            shape=shape, name=name, initializer=initializer,
+            regularizer=regularizer, constraint=constraint,
+            trainable=trainable, autocast=False,
+            aggregation="none" if trainable else "mean",
         )
 
     def compute_output_shape(self, input_shape):
@@ -443,14 +432,14 @@ class BatchNormalization(keras.layers.Layer):
         """`(outputs, mean, variance)` from the backend's kernel, or None.
 
         Declines wherever the fused kernel could change results: masks,
-        renorm, ghost batches, synchronized statistics, several axes.
+        renorm, ghost batches, distributed steps, several axes.
         """
         if (
             self.fused is False
             or weights is not None
             or self.renorm
             or self.virtual_batch_size is not None
-            or self.synchronized
+            or backends.num_replicas() > 1
             or len(self._axes) != 1
         ):
             return None
@@ -491,14 +480,12 @@ class BatchNormalization(keras.layers.Layer):
         y = centered * scale
         return y if offset is None else y + offset
 
-    def _ghost_split(self, x, weights):
-        """Regroups the batch as `(groups, virtual_batch_size, ...)`.
+    def _ghost_split(self, x, weights, n):
+        """Regroups the batch as `(groups, n, ...)`.
 
-        A batch that is not a multiple of `virtual_batch_size` is padded with
-        rows that the returned weights leave out, so the last group is
-        simply smaller.
+        A batch that is not a multiple of `n` is padded with rows that the
+        returned weights leave out, so the last group is simply smaller.
         """
-        n = self.virtual_batch_size
         rest = tuple(x.shape[1:])
         batch = x.shape[0]
         if batch is not None and batch % n == 0:
@@ -534,22 +521,47 @@ class BatchNormalization(keras.layers.Layer):
         `(count, mean, variance)` of the batch.
         """
         axes = self._reduction_axes
-        if self.virtual_batch_size is not None:
-            x, weights = self._ghost_split(x, weights)
+        group = self._group_size(x)
+        if group is not None:
+            x, weights = self._ghost_split(x, weights, group)
             axes = (1,) + tuple(a + 1 for a in axes if a != 0)
         count, shift, delta, m2 = statistics.shifted_moments(x, axes, weights)
-        if self.synchronized:
-            count, mean, m2 = backends.cross_replica(count, shift + delta, m2)
-            delta = mean - shift
+        if self.synchronized and group is None:
+            count, delta, m2 = backends.cross_replica(count, shift, delta, m2)
         variance = m2 / ops.maximum(count, 1.0)
-        if self.virtual_batch_size is None:
+        if group is None:
             pooled = (count, shift + delta, variance)
         else:
-            total, pooled_mean, _ = statistics.combine(count, shift + delta, m2)
+            total, pooled_mean, _ = statistics.combine(count, shift, delta, m2)
             # The average of the groups' variances, not the pooled variance:
             # the spread between groups is not what ghost BN normalizes away.
             pooled = (total, pooled_mean, ops.sum(m2, 0) / ops.maximum(total, 1.0))
         return x, count, shift, delta, variance, pooled
+
+    def _group_size(self, x):
+        """Samples per group normalized together, or None for the batch.
+
+        Ghost batches set it. So does a non-synchronized layer where one call
+        sees every replica's shard (JAX under `keras.distribution`): each
+        replica's shard then forms a group, as each replica's batch does on
+        TensorFlow and PyTorch.
+        """
+        if self.virtual_batch_size is not None:
+            return self.virtual_batch_size
+        if self.synchronized or not backends.replica_sees_global_batch():
+            return None
+        replicas = backends.num_replicas()
+        if replicas == 1:
+            return None
+        batch = x.shape[0]
+        if batch is None or batch % replicas:
+            raise ValueError(
+                f"With synchronized=False, {self.name} normalizes each of the "
+                f"{replicas} data-parallel shards on its own, so the batch "
+                f"size must be a multiple of {replicas}. Received: batch "
+                f"size {batch}"
+            )
+        return batch // replicas
 
     def _train_step(self, x, weights):
         fused = self._fused_train(x, weights)
@@ -574,7 +586,7 @@ class BatchNormalization(keras.layers.Layer):
             r, d = self._renorm_correction(shift + delta, variance)
         self._update_moving(*pooled)
         outputs = self._normalize(x, shift, variance, r, d, delta)
-        if self.virtual_batch_size is not None:
+        if len(outputs.shape) > len(self._broadcast_shape):  # regrouped
             outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
             outputs = outputs[:batch]
         return outputs
