@@ -1,5 +1,161 @@
 """tensorflow specifics: cross-replica statistics and fused kernels."""
 
 
-def cross_replica(count, mean, m2):
-    return count, mean, m2
+def num_replicas() -> int:
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def cross_replica(count, shift, delta, m2):
+    """Pools statistics over the replicas of a `tf.distribute` strategy.
+
+    One differentiable `all_gather` of the stacked statistics; per-replica
+    batches may differ in size.
+    """
+    import tensorflow as tf
+
+    from keras_bn import statistics
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return count, delta, m2
+    local = tf.stack([count, shift, delta, m2])[None]
+    gathered = ctx.all_gather(local, axis=0)
+    return statistics.combine(*tf.unstack(gathered, axis=1), shift=shift)
+
+
+# ------------------------------------------------------------ fused kernels
+#
+# TensorFlow's CPU kernel sums in float32, so its mean is off by about 1e-5
+# of |mean| on large batches (and XLA's lowering forms E[x^2] - E[x]^2);
+# that error reaches the variance and the output relative to |mean| / std.
+# Where that ratio exceeds _MAX_MEAN_TO_STD (always, under XLA, where it is
+# free) the batch is normalized after subtracting a constant per-channel
+# shift: exact, since batch norm is shift invariant.
+_MAX_MEAN_TO_STD = 8.0
+# The shift is the mean of the leading 1/64 of the batch: any subset holding
+# a fraction f of the values has (mean_subset - mean)^2 <= var * (1 - f) / f,
+# so the shifted data has |mean| / std <= 8 whatever the input.
+_SHIFT_FRACTION = 64
+_FUSED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _in_xla():
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )
+
+
+def _as_4d(x, axis: int):
+    """`(x4, data_format)` for FusedBatchNormV3, or None if unsupported."""
+    import tensorflow as tf
+
+    rank = x.shape.rank
+    channels = x.shape[axis]
+    if rank is None or channels is None:
+        return None
+    if axis == rank - 1:
+        return (x if rank == 4 else tf.reshape(x, (-1, 1, 1, channels))), "NHWC"
+    if axis == 1:
+        return tf.reshape(x, (tf.shape(x)[0], channels, -1, 1)), "NCHW"
+    return None
+
+
+def _fbn(x4, scale, offset, epsilon, data_format):
+    """FusedBatchNormV3 in training mode (unbiased variance)."""
+    import tensorflow as tf
+
+    empty = tf.constant([], tf.float32)
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x4, scale=scale, offset=offset, mean=empty, variance=empty,
+        epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format=data_format, is_training=True,
+    )
+
+
+def fused_train(x, gamma, beta, epsilon, axis):
+    import tensorflow as tf
+
+    if x.dtype.name not in _FUSED_DTYPES:
+        return None
+    shaped = _as_4d(x, axis)
+    if shaped is None:
+        return None
+    x4, fmt = shaped
+    channel = 3 if fmt == "NHWC" else 1
+    shift_always = _in_xla()
+    ones = tf.ones((x.shape[axis],), tf.float32)
+    scale = ones if gamma is None else tf.cast(gamma, tf.float32)
+    offset = ones * 0.0 if beta is None else tf.cast(beta, tf.float32)
+
+    def shifted(x4):
+        rows = (tf.shape(x4)[0] + _SHIFT_FRACTION - 1) // _SHIFT_FRACTION
+        dims = [d for d in range(4) if d != channel]
+        shift = tf.reduce_mean(tf.cast(x4[:rows], tf.float32), axis=dims)
+        bshape = [1, 1, 1, 1]
+        bshape[channel] = -1
+        xs = x4 - tf.cast(tf.reshape(shift, bshape), x4.dtype)
+        out = _fbn(xs, scale, offset, epsilon, fmt)
+        return (xs, out.y, out.batch_mean + shift, out.batch_variance,
+                out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
+
+    @tf.custom_gradient
+    def run(x4, scale, offset):
+        if shift_always:
+            xs, y, mean, var, r1, r2, r3 = shifted(x4)
+        else:
+            out = _fbn(x4, scale, offset, epsilon, fmt)
+            plain = (x4, out.y, out.batch_mean, out.batch_variance,
+                     out.reserve_space_1, out.reserve_space_2,
+                     out.reserve_space_3)
+            m, v = out.batch_mean, out.batch_variance
+            # NaN statistics compare False: they go to the finite guard.
+            bad = tf.reduce_any(m * m > _MAX_MEAN_TO_STD**2 * v)
+            xs, y, mean, var, r1, r2, r3 = tf.cond(
+                bad, lambda: shifted(x4), lambda: plain
+            )
+
+        def grad(dy, dmean, dvar):
+            # mean and variance only feed the moving averages (their
+            # gradients are not used), so only dy flows back.
+            del dmean, dvar
+            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=xs, scale=scale, reserve_space_1=r1,
+                reserve_space_2=r2, reserve_space_3=r3, epsilon=epsilon,
+                data_format=fmt, is_training=True,
+            )[:3]
+            return dx, dscale, doffset
+
+        return (y, mean, var), grad
+
+    y, mean, var = run(x4, scale, offset)
+    n = tf.cast(tf.size(x4, out_type=tf.int64), tf.float32) / float(
+        x.shape[axis])
+    # The kernel reports the unbiased variance, with n - 1 floored at 1.
+    var = var * (tf.maximum(n - 1.0, 1.0) / tf.maximum(n, 1.0))
+    y = tf.reshape(y, tf.shape(x))
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+
+def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
+    import tensorflow as tf
+
+    if x.dtype.name not in _FUSED_DTYPES:
+        return None
+    shaped = _as_4d(x, axis)
+    if shaped is None:
+        return None
+    x4, fmt = shaped
+    ones = tf.ones_like(mean, tf.float32)
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=x4, scale=ones if gamma is None else tf.cast(gamma, tf.float32),
+        offset=ones * 0.0 if beta is None else tf.cast(beta, tf.float32),
+        mean=tf.cast(mean, tf.float32), variance=tf.cast(variance, tf.float32),
+        epsilon=epsilon, data_format=fmt, is_training=False,
+    ).y
+    return tf.reshape(y, tf.shape(x))

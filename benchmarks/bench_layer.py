@@ -1,0 +1,503 @@
+"""Layer-level benchmark: keras_bn vs Keras's layer vs the backend's kernel.
+
+For each backend (one child process each) and each shape/dtype, times the
+training step (forward + backward, moving statistics updated) and the
+inference forward of
+
+- `keras_bn`: `keras_bn.BatchNormalization()` (fast path where it applies),
+- `keras_bn_ref`: the same layer with `fused=False` (the `keras.ops` path),
+- `keras`: `keras.layers.BatchNormalization()`,
+- `native`: the backend's own kernel (`tf.compat.v1.nn.fused_batch_norm`,
+  `torch.nn.functional.batch_norm` on a channels_last view; JAX has none),
+- `copy`: `x * s` for a runtime scalar `s` (one read and one write of the
+  tensor), a memory-bandwidth floor,
+
+then (in a second child per backend) the peak memory of one training step
+where the backend reports it: TensorFlow's BFC allocator statistics, the
+PyTorch profiler's allocation trace (CUDA: `max_memory_allocated`), XLA's
+compiled memory analysis under JAX (temporaries + outputs).
+
+TensorFlow steps run in `tf.function` (graph mode, no XLA), JAX steps under
+`jax.jit`, PyTorch eagerly. The native kernels do not update moving
+statistics in training (TF) or do it inside the kernel (torch), so the
+comparison is conservative for keras_bn. Timings are medians of `--repeats`
+runs after `--warmup` runs; the candidates run round-robin so that load
+changes on a shared machine hit them alike.
+
+Rerun (writes benchmarks/results/bench_layer_<backend>.json and
+benchmarks/results/bench_layer.md):
+
+    nice python benchmarks/bench_layer.py                 # all backends
+    nice python benchmarks/bench_layer.py --backends torch --repeats 20
+    python benchmarks/bench_layer.py --render            # tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPES = ((128, 32, 32, 64), (32, 56, 56, 256), (1024, 4096))
+DTYPES = ("float32", "bfloat16")
+CASES = ("keras_bn", "keras_bn_ref", "keras", "native", "copy")
+EPSILON = 1e-3
+# Targets of the issue, per backend: the training step against the native
+# kernel (or Keras's layer on JAX), inference against the faster of the two.
+TRAIN_TARGET = {"tensorflow": ("native", 1.15), "torch": ("native", 1.15),
+                "jax": ("keras", 1.05)}
+INFER_TARGET = 1.1
+
+
+# --------------------------------------------------------------- backends
+
+
+class _Backend:
+    """Builds zero-argument step callables for one backend."""
+
+    def __init__(self):
+        import keras
+
+        self.keras = keras
+
+    def tensor(self, array, dtype):
+        return self.keras.ops.cast(
+            self.keras.ops.convert_to_tensor(array), dtype)
+
+    def layer(self, case, dtype):
+        import keras_bn
+
+        policy = "mixed_bfloat16" if dtype == "bfloat16" else "float32"
+        if case == "keras":
+            return self.keras.layers.BatchNormalization(
+                epsilon=EPSILON, dtype=policy)
+        return keras_bn.BatchNormalization(
+            epsilon=EPSILON, dtype=policy,
+            fused=False if case == "keras_bn_ref" else None)
+
+
+class _TensorFlow(_Backend):
+    def __init__(self):
+        super().__init__()
+        import tensorflow as tf
+
+        self.tf = tf
+        self.gpu = bool(tf.config.list_physical_devices("GPU"))
+        self.scalar = tf.Variable(1.0)
+
+    def sync(self, result):
+        if self.gpu:
+            self.tf.test.experimental.sync_devices()
+        return result
+
+    def _grad_step(self, forward, x, dy, variables):
+        tf = self.tf
+
+        @tf.function
+        def train(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = forward(x)
+            # The output too: graph pruning would drop an unused forward.
+            return y, tape.gradient(y, [x] + variables, output_gradients=dy)
+
+        return lambda: self.sync(train(x, dy))
+
+    def layer_steps(self, layer, x, dy):
+        layer.build(x.shape)
+        infer = self.tf.function(lambda x: layer(x, training=False))
+        train = self._grad_step(lambda x: layer(x, training=True), x, dy,
+                                [w.value for w in layer.trainable_weights])
+        return train, lambda: self.sync(infer(x))
+
+    def native_steps(self, x, dy):
+        tf = self.tf
+        c = x.shape[-1]
+        gamma, beta = tf.Variable(tf.ones(c)), tf.Variable(tf.zeros(c))
+        mean, var = tf.zeros(c), tf.ones(c)
+        as4d = (lambda t: tf.reshape(t, (-1, 1, 1, c))) if x.shape.rank == 2 \
+            else (lambda t: t)
+
+        def forward(x, training):
+            y = tf.compat.v1.nn.fused_batch_norm(
+                as4d(x), gamma, beta, mean=None if training else mean,
+                variance=None if training else var, epsilon=EPSILON,
+                is_training=training)[0]
+            return tf.reshape(y, tf.shape(x))
+
+        infer = tf.function(lambda x: forward(x, False))
+        train = self._grad_step(lambda x: forward(x, True), x, dy,
+                                [gamma, beta])
+        return train, lambda: self.sync(infer(x))
+
+    def copy_step(self, x):
+        fn = self.tf.function(lambda x: x * self.tf.cast(self.scalar, x.dtype))
+        return lambda: self.sync(fn(x))
+
+    def peak_memory(self, step):
+        tf = self.tf
+        device = "GPU:0" if self.gpu else "CPU:0"
+        step()
+        try:
+            tf.config.experimental.reset_memory_stats(device)
+            before = tf.config.experimental.get_memory_info(device)["current"]
+            result = step()
+            peak = tf.config.experimental.get_memory_info(device)["peak"]
+        except (ValueError, RuntimeError):
+            return None
+        del result
+        # Zero when the CPU allocator keeps no statistics (no BFC).
+        return (peak - before) or None
+
+
+class _Torch(_Backend):
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.torch = torch
+        self.gpu = torch.cuda.is_available()
+
+    def sync(self, result=None):
+        if self.gpu:
+            self.torch.cuda.synchronize()
+        return result
+
+    def tensor(self, array, dtype):
+        return super().tensor(array, dtype).detach()
+
+    def _grad_step(self, forward, x, dy, params):
+        torch = self.torch
+        x = x.detach().requires_grad_(True)
+
+        def train():
+            y = forward(x)
+            return y, self.sync(torch.autograd.grad(
+                y, [x] + params, grad_outputs=dy))
+
+        return train
+
+    def layer_steps(self, layer, x, dy):
+        layer.build(tuple(x.shape))
+        params = [w.value for w in layer.trainable_weights]
+        train = self._grad_step(lambda x: layer(x, training=True), x, dy,
+                                params)
+
+        def infer():
+            with self.torch.no_grad():
+                return self.sync(layer(x, training=False))
+
+        return train, infer
+
+    def native_steps(self, x, dy):
+        torch = self.torch
+        functional = torch.nn.functional
+        c = x.shape[-1]
+        kw = {"device": x.device, "dtype": torch.float32}
+        gamma = torch.ones(c, requires_grad=True, **kw)
+        beta = torch.zeros(c, requires_grad=True, **kw)
+        mean, var = torch.zeros(c, **kw), torch.ones(c, **kw)
+        # NHWC storage seen as NCHW in channels_last format: no copy.
+        nchw = (lambda t: t) if x.dim() == 2 else (
+            lambda t: t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)))
+
+        def forward(x, training):
+            return functional.batch_norm(nchw(x), mean, var, gamma, beta,
+                                         training, 0.01, EPSILON)
+
+        train = self._grad_step(lambda x: forward(x, True), x, nchw(dy),
+                                [gamma, beta])
+
+        def infer():
+            with torch.no_grad():
+                return self.sync(forward(x, False))
+
+        return train, infer
+
+    def copy_step(self, x):
+        s = self.torch.tensor(1.0, dtype=x.dtype, device=x.device)
+        return lambda: self.sync(x * s)
+
+    def peak_memory(self, step):
+        torch = self.torch
+        step()
+        if self.gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            result = step()
+            del result
+            return torch.cuda.max_memory_allocated() - before
+        import tempfile
+
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile
+
+        with profile(activities=[ProfilerActivity.CPU],
+                     profile_memory=True) as prof:
+            result = step()
+        del result
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            events = json.load(open(f.name))["traceEvents"]
+        # "Total Allocated" counts from zero at the start of profiling.
+        totals = [e["args"]["Total Allocated"] for e in events
+                  if e.get("name") == "[memory]"]
+        return max(totals) if totals else None
+
+
+class _Jax(_Backend):
+    def __init__(self):
+        super().__init__()
+        import jax
+
+        self.jax = jax
+
+    def _stateless(self, layer, x, dy):
+        jax = self.jax
+        layer.build(x.shape)
+        tv = [w.value for w in layer.trainable_weights]
+        ntv = [w.value for w in layer.non_trainable_weights]
+
+        @jax.jit
+        def train(tv, ntv, x, dy):
+            def f(tv, x):
+                return layer.stateless_call(tv, ntv, x, training=True)
+
+            y, vjp, new_ntv = jax.vjp(f, tv, x, has_aux=True)
+            # The output too: XLA would drop an unused forward.
+            return y, vjp(dy), new_ntv
+
+        @jax.jit
+        def infer(tv, ntv, x):
+            return layer.stateless_call(tv, ntv, x, training=False)[0]
+
+        return train, infer, (tv, ntv, x, dy)
+
+    def layer_steps(self, layer, x, dy):
+        train, infer, (tv, ntv, x, dy) = self._stateless(layer, x, dy)
+        return (lambda: self.jax.block_until_ready(train(tv, ntv, x, dy)),
+                lambda: self.jax.block_until_ready(infer(tv, ntv, x)))
+
+    def native_steps(self, x, dy):
+        return None  # XLA has no batch norm kernel of its own to call.
+
+    def copy_step(self, x):
+        fn = self.jax.jit(lambda x, s: x * s)
+        s = self.jax.numpy.asarray(1.0, x.dtype)
+        return lambda: self.jax.block_until_ready(fn(x, s))
+
+    def layer_peak_memory(self, layer, x, dy):
+        train, _, args = self._stateless(layer, x, dy)
+        stats = train.lower(*args).compile().memory_analysis()
+        if stats is None:
+            return None
+        return stats.temp_size_in_bytes + stats.output_size_in_bytes
+
+
+BACKEND_CLASSES = {"tensorflow": _TensorFlow, "torch": _Torch, "jax": _Jax}
+
+
+# ------------------------------------------------------------------ child
+
+
+def _inputs(bk, shape, dtype):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32) * 2.0 + 0.5
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    return bk.tensor(x, dtype), bk.tensor(dy, dtype)
+
+
+def _steps(bk, shape, dtype):
+    """{case: (train, infer)} for one shape and dtype."""
+    x, dy = _inputs(bk, shape, dtype)
+    steps = {}
+    for case in ("keras_bn", "keras_bn_ref", "keras"):
+        steps[case] = bk.layer_steps(bk.layer(case, dtype), x, dy)
+    native = bk.native_steps(x, dy)
+    if native is not None:
+        steps["native"] = native
+    copy = bk.copy_step(x)
+    steps["copy"] = (copy, copy)
+    return steps
+
+
+def child_timing(backend, args):
+    bk = BACKEND_CLASSES[backend]()
+    rows = []
+    for shape in args.shapes:
+        for dtype in args.dtypes:
+            steps = _steps(bk, shape, dtype)
+            for mode, index in (("train", 0), ("infer", 1)):
+                fns = {case: s[index] for case, s in steps.items()}
+                times = common.time_interleaved(fns, args.repeats, args.warmup)
+                rows.append({"shape": list(shape), "dtype": dtype,
+                             "mode": mode, "times": times})
+                print(_row_text(backend, rows[-1]), file=sys.stderr, flush=True)
+            del steps
+    return {"machine": common.machine(backend), "repeats": args.repeats,
+            "warmup": args.warmup, "epsilon": EPSILON, "rows": rows}
+
+
+def child_memory(backend, args):
+    bk = BACKEND_CLASSES[backend]()
+    rows = []
+    for shape in args.shapes:
+        for dtype in args.dtypes:
+            x, dy = _inputs(bk, shape, dtype)
+            peaks = {}
+            for case in ("keras_bn", "keras_bn_ref", "keras"):
+                layer = bk.layer(case, dtype)
+                if backend == "jax":
+                    peaks[case] = bk.layer_peak_memory(layer, x, dy)
+                else:
+                    peaks[case] = bk.peak_memory(
+                        bk.layer_steps(layer, x, dy)[0])
+            native = bk.native_steps(x, dy) if backend != "jax" else None
+            if native is not None:
+                peaks["native"] = bk.peak_memory(native[0])
+            rows.append({"shape": list(shape), "dtype": dtype,
+                         "peak_bytes": peaks})
+            print(f"{backend} {shape} {dtype} peak MiB: " + ", ".join(
+                f"{k}={common.fmt(v and v / 2**20)}" for k, v in peaks.items()),
+                flush=True)
+    return {"rows": rows}
+
+
+def _row_text(backend, row):
+    t = row["times"]
+    return (f"{backend:10s} {str(tuple(row['shape'])):18s} {row['dtype']:8s} "
+            f"{row['mode']:5s} " + "  ".join(
+                f"{k}={v['median_ms']:.2f}" for k, v in t.items()) + " ms")
+
+
+# --------------------------------------------------------------- reporting
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def summarize(backend, result):
+    """Adds ratios and target checks to each timing row."""
+    memory = {(tuple(r["shape"]), r["dtype"]): r["peak_bytes"]
+              for r in result.get("memory", {}).get("rows", [])}
+    for row in result["rows"]:
+        med = {k: v["median_ms"] for k, v in row["times"].items()}
+        ours = med.get("keras_bn")
+        ratios = {f"keras_bn/{k}": _ratio(ours, med.get(k))
+                  for k in ("keras_bn_ref", "keras", "native", "copy")}
+        if row["mode"] == "train":
+            ref, limit = TRAIN_TARGET[backend]
+            ratio = ratios[f"keras_bn/{ref}"]
+        else:
+            ref, limit = "fastest of native/keras", INFER_TARGET
+            ratio = _ratio(ours, min(v for k, v in med.items()
+                                     if k in ("native", "keras")))
+        row["ratios"] = ratios
+        row["target"] = {"against": ref, "limit": limit, "ratio": ratio,
+                         "met": ratio is not None and ratio <= limit}
+        peaks = memory.get((tuple(row["shape"]), row["dtype"]))
+        if row["mode"] == "train" and peaks:
+            row["peak_bytes"] = peaks
+            ours_p, keras_p = peaks.get("keras_bn"), peaks.get("keras")
+            row["memory_target_met"] = (
+                None if ours_p is None or keras_p is None
+                else ours_p <= keras_p)
+    return result
+
+
+def render(results_dir: Path) -> str:
+    parts = ["# bench_layer results", "",
+             "Median milliseconds per call; ratio = keras_bn / reference "
+             "(`keras_bn/native` for TensorFlow and PyTorch training, "
+             "`keras_bn/keras` for JAX, the faster of the two for "
+             "inference). Peak MiB: one training step. Regenerate with "
+             "`nice python benchmarks/bench_layer.py`.", ""]
+    for backend in common.BACKENDS:
+        path = results_dir / f"bench_layer_{backend}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        m = result["machine"]
+        parts += [f"## {backend}", "",
+                  f"{m.get('device')} / {m['cpu']} ({m['cpu_count']} cores), "
+                  f"keras {m.get('keras')}, {backend} {m.get(backend)}, "
+                  f"{m['date']}, median of {result['repeats']}.", ""]
+        header = ["shape", "dtype", "mode", "keras_bn", "keras_bn fused=False",
+                  "keras", "native", "copy", "ratio", "target",
+                  "peak MiB keras_bn / keras / native"]
+        rows = []
+        for row in result["rows"]:
+            med = {k: v["median_ms"] for k, v in row["times"].items()}
+            tgt = row["target"]
+            peaks = row.get("peak_bytes") or {}
+            rows.append([
+                "x".join(map(str, row["shape"])), row["dtype"], row["mode"],
+                *(common.fmt(med.get(k), ".2f") for k in CASES),
+                f"{common.fmt(tgt['ratio'], '.2f')} vs {tgt['against']}",
+                f"<= {tgt['limit']}: {'met' if tgt['met'] else 'NOT met'}",
+                " / ".join(common.fmt(peaks[k] / 2**20 if peaks.get(k)
+                                      else None, ".0f")
+                           for k in ("keras_bn", "keras", "native"))
+                if peaks else "",
+            ])
+        parts += [common.markdown_table(header, rows), ""]
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default=",".join(common.BACKENDS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shapes", default=";".join(
+        ",".join(map(str, s)) for s in SHAPES),
+        help="semicolon-separated shapes, e.g. '128,32,32,64;1024,4096'")
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--render", action="store_true",
+                        help="only rebuild the markdown from the JSON files")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true",
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.shapes = [tuple(int(d) for d in s.split(","))
+                   for s in args.shapes.split(";") if s]
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+
+    if args.child:
+        common.quiet_logs()
+        fn = child_memory if args.memory_only else child_timing
+        common.emit(fn(args.child, args))
+        return
+    if not args.render:
+        backends = [b for b in args.backends.split(",") if b]
+        passthrough = ["--repeats", str(args.repeats), "--warmup",
+                       str(args.warmup), "--shapes",
+                       ";".join(",".join(map(str, s)) for s in args.shapes),
+                       "--dtypes", ",".join(args.dtypes)]
+        timings = common.run_children(__file__, backends, passthrough)
+        memory = {} if args.no_memory else common.run_children(
+            __file__, backends, passthrough + ["--memory-only"],
+            # The CPU allocator keeps statistics only in BFC mode.
+            extra_env={"tensorflow": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}})
+        for backend, result in timings.items():
+            if backend in memory:
+                result["memory"] = memory[backend]
+            summarize(backend, result)
+            common.write_results("bench_layer", backend, result, args.out)
+    text = render(args.out)
+    (args.out / "bench_layer.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Shared helpers for the benchmark scripts: timing, machine description,
+per-backend child processes and result files.
+
+The scripts run one child process per backend (the backend must be chosen
+before keras is imported) and collect each child's JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BACKENDS = ("tensorflow", "jax", "torch")
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def quiet_logs() -> None:
+    """Silences TensorFlow's C++ logging; call before importing keras."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def run_children(script: str, backends, extra_args, extra_env=None) -> dict:
+    """Runs `script --child` once per backend; returns {backend: result}.
+
+    Each child prints its result as one JSON line prefixed by `RESULT `.
+    """
+    out = {}
+    for backend in backends:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        env.update((extra_env or {}).get(backend, {}))
+        cmd = [sys.executable, script, "--child", backend, *extra_args]
+        print(f"--- {backend}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"{backend} child failed (rc={proc.returncode})")
+        out[backend] = json.loads(lines[-1][len("RESULT "):])
+    return out
+
+
+def emit(result) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
+                     warmup: int) -> dict[str, dict]:
+    """Median/min/max seconds of each zero-argument callable.
+
+    The callables run round-robin, so that drift in machine load (this CPU is
+    shared) hits every candidate alike and their ratios stay meaningful.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "median_ms": 1e3 * statistics.median(s),
+            "min_ms": 1e3 * min(s),
+            "max_ms": 1e3 * max(s),
+            "n": len(s),
+        }
+        for name, s in samples.items()
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine(backend: str | None = None) -> dict:
+    """What ran the benchmark: CPU, memory, library versions, accelerator."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    if backend is None:
+        return info
+    import keras
+
+    info["keras"] = keras.__version__
+    info["backend"] = backend
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        info["tensorflow"] = tf.__version__
+        gpus = tf.config.list_physical_devices("GPU")
+        info["device"] = (
+            tf.config.experimental.get_device_details(gpus[0]).get(
+                "device_name", "GPU") if gpus else "cpu")
+    elif backend == "jax":
+        import jax
+
+        info["jax"] = jax.__version__
+        info["device"] = str(jax.devices()[0].device_kind)
+    elif backend == "torch":
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["device"] = (torch.cuda.get_device_name(0)
+                          if torch.cuda.is_available() else "cpu")
+    return info
+
+
+def write_results(name: str, backend: str, payload: dict,
+                  out_dir: Path = RESULTS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{backend}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
