@@ -280,10 +280,16 @@ class _Collector:
             for t in statistics.moments(x, layer._reduction_axes, weights)
         )
         if layer in self.pooled:
-            count, mean, m2 = statistics.combine(*(
-                ops.stack([old, new]) for old, new in
-                zip(self.pooled[layer], (count, mean, m2))
-            ))
+            old_count, old_mean, old_m2 = self.pooled[layer]
+            # Pooled mean as an offset from the running one: small, exact.
+            count, delta, m2 = statistics.combine(
+                ops.stack([old_count, count]),
+                ops.stack([old_mean, mean]),
+                ops.zeros((2,) + tuple(mean.shape), mean.dtype),
+                ops.stack([old_m2, m2]),
+                shift=old_mean,
+            )
+            mean = old_mean + delta
         self.pooled[layer] = (count, mean, m2)
 
 

@@ -115,6 +115,16 @@ def test_sequential_built_by_a_call_and_frozen_model():
     _assert_same_predictions(model, converted, x)
 
 
+def test_frozen_functional_model_stays_frozen():
+    model = _nested_model()
+    model.trainable = False
+    model.get_layer("head").trainable = True  # set after the model's flag
+    converted = convert(model)
+    assert not converted.trainable
+    assert converted.get_layer("head").trainable
+    assert not converted.get_layer("inner").get_layer("inner_bn").trainable
+
+
 def test_dtype_policy_carries_over():
     inputs = keras.Input((4,), dtype="float64")
     outputs = _KERAS_BN(dtype="float64")(inputs)
