@@ -124,8 +124,10 @@ def recalibrate(
     )
     with _hooked(layers, collector):
         if mode == "train":
-            collector.run(model, batches, progbar)
-            collector.restore()
+            try:
+                collector.run(model, batches, progbar)
+            finally:
+                collector.restore()
             for layer, pooled in collector.pooled.items():
                 _assign(layer, pooled)
         else:

@@ -84,7 +84,7 @@ def _dense_model():
 def _layer_inputs(model, x):
     """Each batch-norm layer's inputs, all layers in inference mode."""
     layers = _bn_layers(model)
-    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    probe = keras.Model(model.input, [layer.input for layer in layers])
     return layers, probe(x, training=False)
 
 
@@ -133,7 +133,7 @@ def test_train_mode_uses_batch_statistics_upstream():
     twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())
     layers = _bn_layers(twin)
-    probe = keras.Model(twin.inputs, [layer.input for layer in layers])
+    probe = keras.Model(twin.input, [layer.input for layer in layers])
     batches = [probe(x[i:i + 40], training=True) for i in range(0, 120, 40)]
     before = _snapshot(model)
     recalibrate(model, x, batch_size=40, mode="train", verbose=0)
