@@ -61,9 +61,8 @@ def _as_4d(x, axis: int):
         return None
     if axis == rank - 1:
         return (x if rank == 4 else tf.reshape(x, (-1, 1, 1, channels))), "NHWC"
-    if axis == 1:
-        return tf.reshape(x, (tf.shape(x)[0], channels, -1, 1)), "NCHW"
-    return None
+    outer = tf.reduce_prod(tf.shape(x)[:axis])
+    return tf.reshape(x, tf.stack([outer, channels, -1, 1])), "NCHW"
 
 
 def _fbn(x4, scale, offset, epsilon, data_format):
@@ -87,49 +86,67 @@ def fused_train(x, gamma, beta, epsilon, axis):
     if shaped is None:
         return None
     x4, fmt = shaped
-    channel = 3 if fmt == "NHWC" else 1
-    shift_always = _in_xla()
+    bshape = [1, -1, 1, 1] if fmt == "NCHW" else [1, 1, 1, -1]
+    dims = [0, 2, 3] if fmt == "NCHW" else [0, 1, 2]
+    always_shift = _in_xla()
     ones = tf.ones((x.shape[axis],), tf.float32)
     scale = ones if gamma is None else tf.cast(gamma, tf.float32)
     offset = ones * 0.0 if beta is None else tf.cast(beta, tf.float32)
 
+    def shifted_input(x4, shift):
+        # In float32: exact for the values within a factor 2 of the shift,
+        # and rounded to float32 (not to the input's half precision) else.
+        return tf.cast(x4, tf.float32) - tf.reshape(shift, bshape)
+
+    def plain(x4):
+        out = _fbn(x4, scale, offset, epsilon, fmt)
+        return (out.y, out.batch_mean, out.batch_variance,
+                out.reserve_space_1, out.reserve_space_2,
+                out.reserve_space_3, tf.zeros_like(out.batch_mean))
+
     def shifted(x4):
         rows = (tf.shape(x4)[0] + _SHIFT_FRACTION - 1) // _SHIFT_FRACTION
-        dims = [d for d in range(4) if d != channel]
         shift = tf.reduce_mean(tf.cast(x4[:rows], tf.float32), axis=dims)
-        bshape = [1, 1, 1, 1]
-        bshape[channel] = -1
-        xs = x4 - tf.cast(tf.reshape(shift, bshape), x4.dtype)
-        out = _fbn(xs, scale, offset, epsilon, fmt)
-        return (xs, out.y, out.batch_mean + shift, out.batch_variance,
-                out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
+        out = _fbn(shifted_input(x4, shift), scale, offset, epsilon, fmt)
+        return (tf.cast(out.y, x4.dtype), out.batch_mean + shift,
+                out.batch_variance, out.reserve_space_1,
+                out.reserve_space_2, out.reserve_space_3, shift)
 
     @tf.custom_gradient
     def run(x4, scale, offset):
-        if shift_always:
-            xs, y, mean, var, r1, r2, r3 = shifted(x4)
+        if always_shift:
+            # XLA fuses the shift (and any cast) into the kernel's passes.
+            bad = tf.constant(True)
+            y, mean, var, r1, r2, r3, shift = shifted(x4)
         else:
-            out = _fbn(x4, scale, offset, epsilon, fmt)
-            plain = (x4, out.y, out.batch_mean, out.batch_variance,
-                     out.reserve_space_1, out.reserve_space_2,
-                     out.reserve_space_3)
-            m, v = out.batch_mean, out.batch_variance
+            result = plain(x4)
             # NaN statistics compare False: they go to the finite guard.
-            bad = tf.reduce_any(m * m > _MAX_MEAN_TO_STD**2 * v)
-            xs, y, mean, var, r1, r2, r3 = tf.cond(
-                bad, lambda: shifted(x4), lambda: plain
-            )
+            bad = tf.reduce_any(
+                result[1] * result[1] > _MAX_MEAN_TO_STD**2 * result[2])
+            y, mean, var, r1, r2, r3, shift = tf.cond(
+                bad, lambda: shifted(x4), lambda: result)
 
         def grad(dy, dmean, dvar):
             # mean and variance only feed the moving averages (their
             # gradients are not used), so only dy flows back.
             del dmean, dvar
-            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=xs, scale=scale, reserve_space_1=r1,
-                reserve_space_2=r2, reserve_space_3=r3, epsilon=epsilon,
-                data_format=fmt, is_training=True,
-            )[:3]
-            return dx, dscale, doffset
+
+            def backward(xk, dyk):
+                dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=dyk, x=xk, scale=scale, reserve_space_1=r1,
+                    reserve_space_2=r2, reserve_space_3=r3,
+                    epsilon=epsilon, data_format=fmt, is_training=True,
+                )[:3]
+                return tf.cast(dx, x4.dtype), dscale, doffset
+
+            def shifted_backward():
+                # Recomputes the shifted input instead of keeping it alive.
+                return backward(shifted_input(x4, shift),
+                                tf.cast(dy, tf.float32))
+
+            if always_shift:
+                return shifted_backward()
+            return tf.cond(bad, shifted_backward, lambda: backward(x4, dy))
 
         return (y, mean, var), grad
 

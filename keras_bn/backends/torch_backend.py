@@ -90,8 +90,10 @@ def _batch_norm_train(view, gamma, beta, epsilon):
     import torch
     import torch.nn.functional as F
 
-    # momentum=1 makes the running buffers the batch statistics themselves.
-    mean = torch.zeros(view.shape[1], dtype=view.dtype, device=view.device)
+    # momentum=1 makes the running buffers the batch statistics themselves
+    # (float32 at least: ATen keeps half-precision statistics in float32).
+    dtype = torch.promote_types(view.dtype, torch.float32)
+    mean = torch.zeros(view.shape[1], dtype=dtype, device=view.device)
     var = torch.zeros_like(mean)
     y = F.batch_norm(view, mean, var, gamma, beta, True, 1.0, epsilon)
     return y, mean, var
@@ -100,7 +102,7 @@ def _batch_norm_train(view, gamma, beta, epsilon):
 def fused_train(x, gamma, beta, epsilon, axis):
     import torch
 
-    if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
+    if not x.dtype.is_floating_point or x.dim() < 2:
         return None
     channels = x.shape[axis]
     n = x.numel() // channels if channels else 0
@@ -112,11 +114,12 @@ def fused_train(x, gamma, beta, epsilon, axis):
     if bool((mean * mean > _MAX_MEAN_TO_STD**2 * var).any()):
         rows = -(-view.shape[0] // _SHIFT_FRACTION)
         dims = [d for d in range(view.dim()) if d != 1]
-        shift = view[:rows].detach().mean(dim=dims)
-        y, mean, var = _batch_norm_train(
-            view - _per_channel(shift, view), gamma, beta, epsilon
-        )
-        mean = mean + shift
+        shift = view[:rows].detach().float().mean(dim=dims)
+        # In float32: exact for the values within a factor 2 of the shift,
+        # and rounded to float32 (not to a half-precision input's) else.
+        shifted = view.float() - _per_channel(shift, view)
+        y, mean, var = _batch_norm_train(shifted, gamma, beta, epsilon)
+        y, mean = y.to(view.dtype), mean + shift
     # ATen keeps the unbiased variance; the layer's is the biased one.
     return restore(y), mean, var * ((n - 1) / n)
 
@@ -125,7 +128,7 @@ def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
     import torch
     import torch.nn.functional as F
 
-    if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
+    if not x.dtype.is_floating_point or x.dim() < 2:
         return None
     view, restore = _channels_view(x, axis)
     y = F.batch_norm(view, mean, variance, gamma, beta, False, 0.0, epsilon)

@@ -400,64 +400,69 @@ class BatchNormalization(keras.layers.Layer):
         return ops.reshape(ops.cast(variable, dtype), self._broadcast_shape)
 
     def call(self, inputs, training=None, mask=None):
+        training = bool(training) and self.trainable
+        outputs = self._fused_call(inputs, training, mask)
+        if outputs is not None:
+            return ops.cast(outputs, self.compute_dtype)
         x = self._prepare_inputs(inputs)
         weights = self._mask_weights(mask, x)
-        if training and self.trainable:
+        if training:
             outputs = self._train_step(x, weights)
         else:
-            outputs = self._fused_infer(x)
-            if outputs is None:
-                mean = self._param(self.moving_mean, x.dtype)
-                variance = self._param(self.moving_variance, x.dtype)
-                outputs = self._normalize(x, mean, variance)
+            mean = self._param(self.moving_mean, x.dtype)
+            variance = self._param(self.moving_variance, x.dtype)
+            outputs = self._normalize(x, mean, variance)
         return ops.cast(outputs, self.compute_dtype)
 
     def _vector(self, variable, dtype):
         return None if variable is None else ops.cast(variable, dtype)
 
-    def _fused_infer(self, x):
-        if self.fused is False or len(self._axes) != 1:
-            return None
-        return backends.fused_infer(
-            x,
-            self._vector(self.moving_mean, x.dtype),
-            self._vector(self.moving_variance, x.dtype),
-            self._vector(self.gamma, x.dtype),
-            self._vector(self.beta, x.dtype),
-            self.epsilon,
-            self._axes[0],
-        )
+    def _fused_call(self, inputs, training, mask):
+        """Outputs of the backend's fused kernel, or None to decline.
 
-    def _fused_train(self, x, weights):
-        """`(outputs, mean, variance)` from the backend's kernel, or None.
-
-        Declines wherever the fused kernel could change results: masks,
-        renorm, ghost batches, distributed steps, several axes.
+        Declines wherever the kernel could change results: masks, renorm,
+        ghost batches, distributed steps, several axes, inputs other than
+        float32/float16/bfloat16. The kernel reads a half-precision input
+        as given when that is also the compute dtype (the kernels keep
+        float32 statistics), so no float32 copy of the batch is made.
         """
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
         if (
             self.fused is False
-            or weights is not None
-            or self.renorm
-            or self.virtual_batch_size is not None
-            or backends.num_replicas() > 1
+            or mask is not None
             or len(self._axes) != 1
+            or dtype not in ("float32", "float16", "bfloat16")
         ):
             return None
-        fused = backends.fused_train(
-            x,
-            self._vector(self.gamma, x.dtype),
-            self._vector(self.beta, x.dtype),
-            self.epsilon,
-            self._axes[0],
-        )
+        if training and (
+            self.renorm
+            or self.virtual_batch_size is not None
+            or backends.num_replicas() > 1
+        ):
+            return None
+        stat_dtype = "float32"
+        x = inputs
+        if dtype not in (stat_dtype, self.compute_dtype):
+            x = ops.cast(inputs, stat_dtype)
+        gamma = self._vector(self.gamma, stat_dtype)
+        beta = self._vector(self.beta, stat_dtype)
+        axis = self._axes[0]
+        if not training:
+            return backends.fused_infer(
+                x,
+                self._vector(self.moving_mean, stat_dtype),
+                self._vector(self.moving_variance, stat_dtype),
+                gamma, beta, self.epsilon, axis,
+            )
+        fused = backends.fused_train(x, gamma, beta, self.epsilon, axis)
         if fused is None:
             return None
         outputs, mean, variance = fused
-        ones = ops.ones_like(mean)
-        count = ones * ops.cast(
+        count = ops.ones_like(mean) * ops.cast(
             statistics.count_values(x, self._reduction_axes), mean.dtype
         )
-        return outputs, count, mean, variance
+        self._update_moving(count, mean, variance)
+        return outputs
 
     def _normalize(self, x, mean, variance, r=None, d=None, delta=None):
         """`gamma * ((x - mean) / sqrt(variance + eps) * r + d) + beta`.
@@ -564,11 +569,6 @@ class BatchNormalization(keras.layers.Layer):
         return batch // replicas
 
     def _train_step(self, x, weights):
-        fused = self._fused_train(x, weights)
-        if fused is not None:
-            outputs, count, mean, variance = fused
-            self._update_moving(count, mean, variance)
-            return outputs
         batch = ops.shape(x)[0]
         x, count, shift, delta, variance, pooled = self._batch_moments(
             x, weights
