@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -55,17 +56,22 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
                      warmup: int) -> dict[str, dict]:
     """Median/min/max seconds of each zero-argument callable.
 
-    The callables run round-robin, so that drift in machine load (this CPU is
-    shared) hits every candidate alike and their ratios stay meaningful.
+    The callables run round-robin, in a new random order each round, so that
+    drift in machine load (this CPU is shared) and the after-effects of the
+    previous call (freed memory given back to the OS, caches) hit every
+    candidate alike and their ratios stay meaningful.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(time.perf_counter() - start)
     return {
         name: {
