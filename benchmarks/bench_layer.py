@@ -244,10 +244,15 @@ class _Torch(_Backend):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             prof.export_chrome_trace(f.name)
             events = json.load(open(f.name))["traceEvents"]
-        # "Total Allocated" counts from zero at the start of profiling.
-        totals = [e["args"]["Total Allocated"] for e in events
-                  if e.get("name") == "[memory]"]
-        return max(totals) if totals else None
+        memory = sorted((e for e in events if e.get("name") == "[memory]"),
+                        key=lambda e: e["ts"])
+        if not memory:
+            return None
+        # "Total Allocated" is the process's running total; the step's peak
+        # is measured from the total just before its first (de)allocation.
+        first = memory[0]["args"]
+        before = first["Total Allocated"] - first["Bytes"]
+        return max(e["args"]["Total Allocated"] for e in memory) - before
 
 
 class _Jax(_Backend):
