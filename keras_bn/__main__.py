@@ -1,0 +1,72 @@
+"""Command line: `python -m keras_bn demo [options]`.
+
+`--backend` selects the Keras backend without exporting `KERAS_BACKEND`:
+importing `keras_bn` has already imported Keras (and fixed its backend), so
+when the requested backend differs from the running one the command runs
+itself again in a child process with `KERAS_BACKEND` set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m keras_bn")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="train a model with keras_bn's BN, Keras's BN and no BN",
+        description="Trains the dataset's article model with "
+        "keras_bn.BatchNormalization, with keras.layers.BatchNormalization "
+        "and without batch normalization; prints a comparison table and "
+        "writes a PNG of the learning curves. Data come from "
+        "$KERAS_BN_DATA_DIR/{mnist,cifar10}.npz if set, else keras.datasets.",
+    )
+    demo.add_argument("--backend", choices=BACKENDS,
+                      help="Keras backend (default: KERAS_BACKEND or Keras's "
+                      "configured backend)")
+    demo.add_argument("--dataset", choices=("mnist", "cifar10"),
+                      default="mnist")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="epochs per model (default: 5 for mnist, 3 for "
+                      "cifar10)")
+    demo.add_argument("--batch-size", type=int, default=128)
+    demo.add_argument("--train-size", type=int, default=None,
+                      help="use only the first N training examples")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo_out",
+                      help="folder for the PNG and JSON (default: demo_out)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+
+    import keras  # already imported by keras_bn/__init__.py
+
+    if args.backend and keras.backend.backend() != args.backend:
+        if os.environ.get("KERAS_BACKEND") == args.backend:
+            raise RuntimeError(f"KERAS_BACKEND={args.backend} is set but Keras "
+                               f"runs {keras.backend.backend()}.")
+        env = dict(os.environ, KERAS_BACKEND=args.backend)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return subprocess.call([sys.executable, "-m", "keras_bn", *argv],
+                               env=env)
+
+    from keras_bn import demo
+
+    demo.run(dataset=args.dataset, epochs=args.epochs,
+             batch_size=args.batch_size, out_dir=args.out,
+             train_size=args.train_size, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

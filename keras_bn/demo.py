@@ -1,0 +1,279 @@
+"""Train a dataset's article model three ways and compare them.
+
+The three variants share the architecture and (through the seed) the
+initial weights of every non-normalization layer:
+
+- `keras_bn`: with `keras_bn.BatchNormalization`,
+- `keras`: with `keras.layers.BatchNormalization`,
+- `none`: without batch normalization.
+
+`python -m keras_bn demo` runs `main`; `benchmarks/accuracy.py` reuses
+`load_data`, `build_model`, `train` and `format_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
+
+import keras
+import numpy as np
+
+from keras_bn import datasets
+from keras_bn import models
+from keras_bn.layers import BatchNormalization
+
+VARIANTS = {
+    "keras_bn": "keras_bn.BatchNormalization",
+    "keras": "keras.layers.BatchNormalization",
+    "none": "no batch normalization",
+}
+DATASETS = ("mnist", "cifar10")
+DEFAULT_EPOCHS = {"mnist": 5, "cifar10": 3}
+
+
+@dataclass
+class Result:
+    """One variant's training run.
+
+    Attributes:
+        variant: Key of `VARIANTS`.
+        epoch_seconds: Wall time of each epoch's training (validation
+            excluded; the first epoch includes tracing/compilation).
+        history: Per-epoch `loss`, `accuracy`, `val_loss`, `val_accuracy`.
+        test_loss: Loss on the test split after training.
+        test_accuracy: Accuracy on the test split after training.
+    """
+
+    variant: str
+    epoch_seconds: list = field(default_factory=list)
+    history: dict = field(default_factory=dict)
+    test_loss: float = float("nan")
+    test_accuracy: float = float("nan")
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Median epoch time after the first (which includes compilation)."""
+        return statistics.median(self.epoch_seconds[1:] or self.epoch_seconds)
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    """Times each epoch's training; the clock stops when validation starts."""
+
+    def __init__(self, result: Result):
+        super().__init__()
+        self._result = result
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None:  # validation inside fit, not evaluate()
+            self._result.epoch_seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()  # no validation data: the epoch ends here
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}. "
+                         f"Received: {name}={value!r}")
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int. Received: "
+                         f"{name}={value!r}")
+
+
+def load_data(dataset: str, train_size: int | None = None,
+              test_size: int | None = None) -> tuple:
+    """Loads a dataset scaled to `[0, 1]` in the shape its model takes.
+
+    Args:
+        dataset: `"mnist"` (flattened to 784 features) or `"cifar10"`.
+        train_size: Use only the first `train_size` training examples.
+        test_size: Use only the first `test_size` test examples.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`, `float32` images and
+        integer labels of shape `(n,)`.
+    """
+    _check_choice("dataset", dataset, DATASETS)
+    _check_positive("train_size", train_size, allow_none=True)
+    _check_positive("test_size", test_size, allow_none=True)
+    loader = {"mnist": datasets.load_mnist,
+              "cifar10": datasets.load_cifar10}[dataset]
+    (x_train, y_train), (x_test, y_test) = loader()
+    flatten = dataset == "mnist"
+    return (
+        (datasets.prepare(x_train[:train_size], flatten=flatten),
+         y_train[:train_size].reshape(-1).astype("int32")),
+        (datasets.prepare(x_test[:test_size], flatten=flatten),
+         y_test[:test_size].reshape(-1).astype("int32")),
+    )
+
+
+def build_model(dataset: str, variant: str) -> keras.Model:
+    """Builds the dataset's article model for one of `VARIANTS`.
+
+    Args:
+        dataset: `"mnist"` (`models.mnist_dense()`, the Keras article's
+            model) or `"cifar10"` (`models.cifar10_conv()`).
+        variant: `"keras_bn"`, `"keras"` or `"none"`.
+
+    Returns:
+        The uncompiled model.
+    """
+    _check_choice("dataset", dataset, DATASETS)
+    _check_choice("variant", variant, VARIANTS)
+    norm = (keras.layers.BatchNormalization if variant == "keras"
+            else BatchNormalization)
+    builder = models.mnist_dense if dataset == "mnist" else models.cifar10_conv
+    return builder(batch_norm=variant != "none", norm_layer=norm)
+
+
+def train(model: keras.Model, data: tuple, variant: str, epochs: int,
+          batch_size: int, verbose: int | str = "auto") -> Result:
+    """Compiles a model as the articles do (Adam) and trains it.
+
+    Args:
+        model: An uncompiled model from `build_model`.
+        data: `((x_train, y_train), (x_test, y_test))` from `load_data`;
+            the test split is also the per-epoch validation data.
+        variant: Variant name, recorded in the result.
+        epochs: Number of epochs.
+        batch_size: Batch size.
+        verbose: Passed to `fit` (`1` shows Keras progress bars).
+
+    Returns:
+        The `Result`.
+    """
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    (x_train, y_train), (x_test, y_test) = data
+    model.compile(optimizer=keras.optimizers.Adam(),
+                  loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    result = Result(variant)
+    history = model.fit(x_train, y_train, epochs=epochs,
+                        batch_size=batch_size,
+                        validation_data=(x_test, y_test),
+                        callbacks=[_EpochTimer(result)], verbose=verbose)
+    result.history = {k: [float(v) for v in vs]
+                      for k, vs in history.history.items()}
+    result.test_loss, result.test_accuracy = (
+        float(v) for v in model.evaluate(x_test, y_test, batch_size=1024,
+                                         verbose=0)
+    )
+    return result
+
+
+def result_dict(result: Result) -> dict:
+    """A JSON-ready dict of a `Result`, with its median epoch time."""
+    return {**asdict(result), "seconds_per_epoch": result.seconds_per_epoch}
+
+
+def format_table(results: list[Result]) -> str:
+    """Formats results as a markdown table, one row per variant."""
+    lines = ["| variant | s/epoch (excl. 1st) | final train loss | test loss "
+             "| test accuracy |",
+             "|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {VARIANTS[r.variant]} | {r.seconds_per_epoch:.2f} | "
+            f"{r.history['loss'][-1]:.4f} | {r.test_loss:.4f} | "
+            f"{100 * r.test_accuracy:.2f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[Result], path: str, title: str) -> None:
+    """Writes a PNG of training loss and test accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    # Ours and Keras's layer often overlap: distinct markers and dashes.
+    styles = {"keras_bn": dict(marker="o", linestyle="-"),
+              "keras": dict(marker="x", linestyle="--"),
+              "none": dict(marker="s", linestyle=":")}
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        epochs = np.arange(1, len(r.history["loss"]) + 1)
+        style = dict(styles[r.variant], label=VARIANTS[r.variant])
+        ax_loss.plot(epochs, r.history["loss"], **style)
+        ax_acc.plot(epochs, np.asarray(r.history["val_accuracy"]) * 100,
+                    **style)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(dataset: str = "mnist", epochs: int | None = None,
+        batch_size: int = 128, out_dir: str = "demo_out",
+        train_size: int | None = None, seed: int = 0,
+        verbose: int | str = "auto") -> list[Result]:
+    """Trains the three variants, prints the table, writes PNG and JSON.
+
+    Args:
+        dataset: `"mnist"` or `"cifar10"`.
+        epochs: Epochs per variant; defaults to `DEFAULT_EPOCHS[dataset]`.
+        batch_size: Batch size.
+        out_dir: Folder for `<dataset>_<backend>.png` and `.json`.
+        train_size: Use only the first `train_size` training examples.
+        seed: Seed for `keras.utils.set_random_seed`, reset before each
+            variant so all start from the same weights.
+        verbose: Passed to `fit`.
+
+    Returns:
+        The three `Result`s.
+    """
+    _check_choice("dataset", dataset, DATASETS)
+    epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
+    backend = keras.backend.backend()
+    data = load_data(dataset, train_size=train_size)
+    print(f"keras_bn demo: {dataset}, backend {backend}, {epochs} epochs, "
+          f"batch {batch_size}, {len(data[0][0])} training / "
+          f"{len(data[1][0])} test examples")
+    results = []
+    for variant, label in VARIANTS.items():
+        keras.utils.set_random_seed(seed)
+        model = build_model(dataset, variant)
+        print(f"\n== {label} ({model.name}) ==")
+        results.append(train(model, data, variant, epochs, batch_size,
+                             verbose=verbose))
+    table = format_table(results)
+    print(f"\n{dataset}, backend {backend}, {epochs} epochs:\n{table}")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{dataset}_{backend}")
+    plot_curves(results, stem + ".png",
+                f"{dataset}, {backend} backend, batch {batch_size}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"dataset": dataset, "backend": backend, "epochs": epochs,
+                   "batch_size": batch_size,
+                   "train_examples": len(data[0][0]),
+                   "test_examples": len(data[1][0]),
+                   "results": [result_dict(r) for r in results]}, f, indent=2)
+    print(f"\nwrote {stem}.png and {stem}.json")
+    return results

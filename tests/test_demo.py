@@ -1,0 +1,85 @@
+"""`python -m keras_bn demo` and the helpers it shares with the benchmark."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bn import demo
+
+
+def test_demo_command_selects_the_backend_without_keras_backend(tmp_path):
+    backend = keras.backend.backend()
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    # No keras.json either: Keras would start on its default, TensorFlow,
+    # so for JAX and PyTorch `--backend` has to switch.
+    env["KERAS_HOME"] = str(tmp_path / "keras_home")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch on a busy CPU
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_bn", "demo", "--backend", backend,
+         "--epochs", "2", "--train-size", "512", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"backend {backend}" in proc.stdout
+    assert "Epoch 2/2" in proc.stdout  # Keras progress output
+    for label in demo.VARIANTS.values():
+        assert f"| {label} |" in proc.stdout
+    with open(out / f"mnist_{backend}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out / f"mnist_{backend}.json") as f:
+        report = json.load(f)
+    assert report["backend"] == backend and report["train_examples"] == 512
+    assert [r["variant"] for r in report["results"]] == list(demo.VARIANTS)
+    for r in report["results"]:
+        assert len(r["history"]["val_accuracy"]) == 2
+        assert len(r["epoch_seconds"]) == 2
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+
+
+def test_demo_rejects_an_unknown_backend():
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_bn", "demo", "--backend", "numpy"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "invalid choice: 'numpy'" in proc.stderr
+
+
+def test_load_data_shapes_for_the_models():
+    (x_train, y_train), (x_test, y_test) = demo.load_data(
+        "mnist", train_size=100, test_size=50)
+    assert x_train.shape == (100, 784) and x_train.dtype == np.float32
+    assert y_train.shape == (100,) and x_test.shape == (50, 784)
+    assert 0.0 <= x_train.min() and x_train.max() <= 1.0
+    (x_train, y_train), _ = demo.load_data("cifar10", train_size=10,
+                                           test_size=10)
+    assert x_train.shape == (10, 32, 32, 3) and y_train.shape == (10,)
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda: demo.load_data("svhn"), "dataset='svhn'"),
+    (lambda: demo.load_data("mnist", train_size=0), "train_size=0"),
+    (lambda: demo.build_model("mnist", "batchnorm"), "variant='batchnorm'"),
+])
+def test_bad_arguments_are_named(call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call()
+
+
+def test_format_table_lists_each_variant():
+    results = []
+    for i, variant in enumerate(demo.VARIANTS):
+        r = demo.Result(variant, epoch_seconds=[9.0, 1.0 + i, 3.0 + i],
+                        history={"loss": [0.5, 0.25]},
+                        test_loss=0.125, test_accuracy=0.975)
+        results.append(r)
+    lines = demo.format_table(results).splitlines()
+    assert len(lines) == 2 + len(demo.VARIANTS)
+    # Median of the epochs after the first (which includes compilation).
+    assert lines[2] == ("| keras_bn.BatchNormalization | 2.00 | 0.2500 | "
+                        "0.1250 | 97.50% |")
