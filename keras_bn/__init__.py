@@ -4,11 +4,13 @@ Works on the TensorFlow, JAX and PyTorch backends.
 """
 
 from keras_bn import callbacks
+from keras_bn import datasets
+from keras_bn import models
 from keras_bn.convert import convert
 from keras_bn.layers import BatchNormalization
 from keras_bn.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormalization", "callbacks", "convert", "recalibrate",
-           "__version__"]
+__all__ = ["BatchNormalization", "callbacks", "convert", "datasets", "models",
+           "recalibrate", "__version__"]
