@@ -1,0 +1,222 @@
+"""Accuracy of the articles' models with keras_bn's BN, Keras's BN and no BN.
+
+For each backend and dataset, trains the dataset's model (the MNIST dense
+model of the Keras article, the CIFAR-10 conv model) with Adam, batch 128,
+in the three variants of `keras_bn.demo`, each from the same seed. Each
+(backend, dataset) pair runs in its own process with `KERAS_BACKEND` set;
+results are merged into `benchmarks/results/accuracy.json` (earlier pairs
+are kept, so the benchmark can run in pieces) and the markdown table
+`benchmarks/results/accuracy.md` is rewritten from the JSON.
+
+Targets: keras_bn's layer is never below Keras's by more than noise (0.3
+points on MNIST, 1 point on CIFAR-10), and the backends agree within the
+same margins.
+
+    KERAS_BN_DATA_DIR=/path/to/datasets python benchmarks/accuracy.py
+    python benchmarks/accuracy.py --backends jax --datasets cifar10 \\
+        --epochs 5 --train-size 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+JSON_PATH = os.path.join(RESULTS, "accuracy.json")
+MD_PATH = os.path.join(RESULTS, "accuracy.md")
+BACKENDS = ("tensorflow", "jax", "torch")
+DATASETS = ("mnist", "cifar10")
+MARGIN = {"mnist": 0.3, "cifar10": 1.0}  # accuracy points counted as noise
+
+
+def _worker(dataset: str, epochs: int, batch_size: int,
+            train_size: int | None, seed: int, out: str) -> None:
+    """Runs in a child process with KERAS_BACKEND set; writes one entry."""
+    import keras
+
+    from keras_bn import demo
+
+    data = demo.load_data(dataset, train_size=train_size)
+    entry = {
+        "backend": keras.backend.backend(),
+        "dataset": dataset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": "Adam (Keras defaults)",
+        "seed": seed,
+        "train_examples": len(data[0][0]),
+        "test_examples": len(data[1][0]),
+        "data_source": os.environ.get("KERAS_BN_DATA_DIR")
+        or "keras.datasets",
+        "load_average_start": os.getloadavg(),
+        "variants": {},
+    }
+    for variant in demo.VARIANTS:
+        keras.utils.set_random_seed(seed)
+        model = demo.build_model(dataset, variant)
+        print(f"[{entry['backend']} {dataset}] {variant}", flush=True)
+        result = demo.train(model, data, variant, epochs, batch_size,
+                            verbose=2)
+        entry["variants"][variant] = demo.result_dict(result)
+    entry["load_average_end"] = os.getloadavg()
+    with open(out, "w") as f:
+        json.dump(entry, f)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("keras", "tensorflow", "jax", "torch", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _git_state() -> str:
+    """HEAD's commit, marked dirty if keras_bn/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                              cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "keras_bn"],
+                               cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _load() -> dict:
+    if os.path.exists(JSON_PATH):
+        with open(JSON_PATH) as f:
+            return json.load(f)
+    return {"runs": {}}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def format_markdown(report: dict) -> str:
+    """One table per dataset: a row per backend, accuracy per variant."""
+    lines = [
+        "# Accuracy: keras_bn vs keras.layers.BatchNormalization vs no BN",
+        "",
+        "Written by `benchmarks/accuracy.py`. Test accuracy (%) after "
+        "training with Adam; s/epoch is the median training time of the "
+        "epochs after the first, on a shared "
+        f"{report.get('cpu_count', '?')}-core CPU (timings are indicative "
+        "only: other jobs ran on the machine). CIFAR-10 accuracy is on the "
+        "data's `x_test` split; from `cifar10.npz` of `KERAS_BN_DATA_DIR` "
+        "that is a held-out split of the training set (last 5,000 images), "
+        "not the official test set.",
+        "",
+    ]
+    runs = report["runs"]
+    for dataset in DATASETS:
+        rows = [runs[f"{b}/{dataset}"] for b in BACKENDS
+                if f"{b}/{dataset}" in runs]
+        if not rows:
+            continue
+        lines += [
+            f"## {dataset}",
+            "",
+            "| backend | epochs | train / test examples | keras_bn | Keras "
+            "| no BN | keras_bn - Keras | s/epoch keras_bn / Keras / no BN |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            v = r["variants"]
+            acc = {k: v[k]["test_accuracy"] for k in v}
+            sec = " / ".join(f"{v[k]['seconds_per_epoch']:.2f}" for k in v)
+            lines.append(
+                f"| {r['backend']} | {r['epochs']} | {r['train_examples']} / "
+                f"{r['test_examples']} | {_pct(acc['keras_bn'])} | "
+                f"{_pct(acc['keras'])} | {_pct(acc['none'])} | "
+                f"{100 * (acc['keras_bn'] - acc['keras']):+.2f} | {sec} |"
+            )
+        ours = [r["variants"]["keras_bn"]["test_accuracy"] for r in rows]
+        gaps = [r["variants"]["keras_bn"]["test_accuracy"]
+                - r["variants"]["keras"]["test_accuracy"] for r in rows]
+        margin = MARGIN[dataset]
+        lines += [
+            "",
+            f"- keras_bn minus Keras: worst {100 * min(gaps):+.2f} points "
+            f"(target: >= -{margin}) -> "
+            f"{'met' if 100 * min(gaps) >= -margin else 'NOT met'}",
+            f"- spread of keras_bn across backends: "
+            f"{100 * (max(ours) - min(ours)):.2f} points (target: <= "
+            f"{margin}) -> "
+            f"{'met' if 100 * (max(ours) - min(ours)) <= margin else 'NOT met'}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="first N training examples (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=2, metavar=("DATASET", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.worker[0], args.epochs, args.batch_size,
+                args.train_size, args.seed, args.worker[1])
+        return 0
+
+    os.makedirs(RESULTS, exist_ok=True)
+    report = _load()
+    report.update({"cpu_count": os.cpu_count(), "versions": _versions(),
+                   "platform": platform.platform()})
+    for backend in args.backends.split(","):
+        for dataset in args.datasets.split(","):
+            if backend not in BACKENDS or dataset not in DATASETS:
+                parser.error(f"unknown backend/dataset {backend}/{dataset}")
+            out = os.path.join(RESULTS, f".accuracy_{backend}_{dataset}.json")
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            # PyTorch's OpenMP threads spin while waiting; on a CPU shared
+            # with other jobs that made epochs 10-30x slower.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            cmd = [sys.executable, os.path.abspath(__file__),
+                   "--worker", dataset, out, "--epochs", str(args.epochs),
+                   "--batch-size", str(args.batch_size),
+                   "--seed", str(args.seed)]
+            if args.train_size:
+                cmd += ["--train-size", str(args.train_size)]
+            start = time.time()
+            subprocess.run(cmd, env=env, check=True)
+            with open(out) as f:
+                entry = json.load(f)
+            os.remove(out)
+            entry["wall_seconds"] = round(time.time() - start, 1)
+            entry["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
+            entry["git"] = _git_state()
+            report["runs"][f"{backend}/{dataset}"] = entry
+            with open(JSON_PATH, "w") as f:
+                json.dump(report, f, indent=1)
+            markdown = format_markdown(report)
+            with open(MD_PATH, "w") as f:
+                f.write(markdown + "\n")
+            print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
