@@ -16,6 +16,17 @@ import sys
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m keras_bn")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,11 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                       "configured backend)")
     demo.add_argument("--dataset", choices=("mnist", "cifar10"),
                       default="mnist")
-    demo.add_argument("--epochs", type=int, default=None,
+    demo.add_argument("--epochs", type=_positive_int, default=None,
                       help="epochs per model (default: 5 for mnist, 3 for "
                       "cifar10)")
-    demo.add_argument("--batch-size", type=int, default=128)
-    demo.add_argument("--train-size", type=int, default=None,
+    demo.add_argument("--batch-size", type=_positive_int, default=128)
+    demo.add_argument("--train-size", type=_positive_int, default=None,
                       help="use only the first N training examples")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo_out",

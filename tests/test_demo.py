@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_bn import __main__ as keras_bn_main
 from keras_bn import demo
 
 
@@ -42,12 +43,16 @@ def test_demo_command_selects_the_backend_without_keras_backend(tmp_path):
         assert 0.0 <= r["test_accuracy"] <= 1.0
 
 
-def test_demo_rejects_an_unknown_backend():
-    proc = subprocess.run(
-        [sys.executable, "-m", "keras_bn", "demo", "--backend", "numpy"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "invalid choice: 'numpy'" in proc.stderr
+@pytest.mark.parametrize("args,needle", [
+    (["--backend", "numpy"], "invalid choice: 'numpy'"),
+    (["--epochs", "0"], "--epochs: must be a positive integer, got '0'"),
+    (["--batch-size", "x"], "--batch-size: must be a positive integer"),
+])
+def test_demo_command_rejects_bad_arguments(args, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        keras_bn_main.main(["demo", *args])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
 
 
 def test_load_data_shapes_for_the_models():
