@@ -396,17 +396,25 @@ def summarize(backend, result):
     for row in result["rows"]:
         med = {k: v["median_ms"] for k, v in row["times"].items()}
         ours = med.get("keras_bn")
-        ratios = {f"keras_bn/{k}": _ratio(ours, med.get(k))
-                  for k in ("keras_bn_ref", "keras", "native", "copy")}
+        row["ratios"] = {f"keras_bn/{k}": _ratio(ours, med.get(k))
+                         for k in ("keras_bn_ref", "keras", "native", "copy")}
+
+        def target_ratio(stat):
+            t = {k: v[stat] for k, v in row["times"].items()}
+            if row["mode"] == "train":
+                return _ratio(t["keras_bn"], t[TRAIN_TARGET[backend][0]])
+            return _ratio(t["keras_bn"], min(
+                v for k, v in t.items() if k in ("native", "keras")))
+
         if row["mode"] == "train":
             ref, limit = TRAIN_TARGET[backend]
-            ratio = ratios[f"keras_bn/{ref}"]
         else:
             ref, limit = "fastest of native/keras", INFER_TARGET
-            ratio = _ratio(ours, min(v for k, v in med.items()
-                                     if k in ("native", "keras")))
-        row["ratios"] = ratios
+        ratio = target_ratio("median_ms")
+        # The ratio of the fastest runs: less sensitive to the load that
+        # other processes put on a shared machine.
         row["target"] = {"against": ref, "limit": limit, "ratio": ratio,
+                         "ratio_of_min": target_ratio("min_ms"),
                          "met": ratio is not None and ratio <= limit}
         peaks = memory.get((tuple(row["shape"]), row["dtype"]))
         if row["mode"] == "train" and peaks:
@@ -423,20 +431,22 @@ def render(results_dir: Path) -> str:
              "Median milliseconds per call; ratio = keras_bn / reference "
              "(`keras_bn/native` for TensorFlow and PyTorch training, "
              "`keras_bn/keras` for JAX, the faster of the two for "
-             "inference). Peak MiB: one training step. Regenerate with "
+             "inference); ratio of min = the same with each candidate's "
+             "fastest run, less sensitive to other processes' load. Peak "
+             "MiB: one training step. Regenerate with "
              "`nice python benchmarks/bench_layer.py`.", ""]
     for backend in common.BACKENDS:
         path = results_dir / f"bench_layer_{backend}.json"
         if not path.exists():
             continue
-        result = json.loads(path.read_text())
+        result = summarize(backend, json.loads(path.read_text()))
         m = result["machine"]
         parts += [f"## {backend}", "",
                   f"{m.get('device')} / {m['cpu']} ({m['cpu_count']} cores), "
                   f"keras {m.get('keras')}, {backend} {m.get(backend)}, "
                   f"{m['date']}, median of {result['repeats']}.", ""]
         header = ["shape", "dtype", "mode", "keras_bn", "keras_bn fused=False",
-                  "keras", "native", "copy", "ratio", "target",
+                  "keras", "native", "copy", "ratio", "ratio of min", "target",
                   "peak MiB keras_bn / keras / native"]
         rows = []
         for row in result["rows"]:
@@ -447,6 +457,7 @@ def render(results_dir: Path) -> str:
                 "x".join(map(str, row["shape"])), row["dtype"], row["mode"],
                 *(common.fmt(med.get(k), ".2f") for k in CASES),
                 f"{common.fmt(tgt['ratio'], '.2f')} vs {tgt['against']}",
+                common.fmt(tgt.get("ratio_of_min"), ".2f"),
                 f"<= {tgt['limit']}: {'met' if tgt['met'] else 'NOT met'}",
                 " / ".join(common.fmt(peaks[k] / 2**20 if peaks.get(k)
                                       else None, ".0f")

@@ -184,6 +184,20 @@ def test_large_mean_normalizes_exactly(spy, shape):
                                rtol=1e-3)
 
 
+def test_large_moving_mean_inference_is_exact():
+    # Inference with moving mean 1e4 and variance 1: x - mean must not
+    # lose the deviations' bits (x * a + (beta - mean * a) would, by 1e-4).
+    rng = np.random.default_rng(11)
+    x = (1e4 + rng.normal(size=(64, 4, 4, 8))).astype("float32")
+    layer = keras_bn.BatchNormalization()
+    layer.build(x.shape)
+    layer.moving_mean.assign(np.full(8, 1e4, "float32"))
+    y = _numpy(layer(x, training=False))
+    expected = ref.forward_infer(x, (3,), np.ones(8), np.zeros(8),
+                                 np.full(8, 1e4), np.ones(8), EPS)
+    ref.assert_close(y, expected, tol=1e-6, what="outputs")
+
+
 def test_large_mean_gradients_match_reference_path(spy):
     rng = np.random.default_rng(3)
     shape = (16, 3, 3, 4)

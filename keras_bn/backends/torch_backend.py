@@ -130,6 +130,11 @@ def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
 
     if not x.dtype.is_floating_point or x.dim() < 2:
         return None
+    # ATen computes x * a + (beta - mean * a): where |mean| / std is large
+    # the two terms cancel and lose the output's low bits, so decline.
+    std = torch.sqrt(variance + epsilon)
+    if bool((mean.abs() > _MAX_MEAN_TO_STD * std).any()):
+        return None
     view, restore = _channels_view(x, axis)
     y = F.batch_norm(view, mean, variance, gamma, beta, False, 0.0, epsilon)
     return restore(y)
