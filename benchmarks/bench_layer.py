@@ -17,8 +17,9 @@ where the backend reports it: TensorFlow's BFC allocator statistics, the
 PyTorch profiler's allocation trace (CUDA: `max_memory_allocated`), XLA's
 compiled memory analysis under JAX (temporaries + outputs).
 
-TensorFlow steps run in `tf.function` (graph mode, no XLA), JAX steps under
-`jax.jit`, PyTorch eagerly. The native kernels do not update moving
+TensorFlow steps run in `tf.function` (graph mode; with `--tf-xla`, a
+separate run compiles every candidate with `jit_compile=True`, as
+`model.fit` does by default), JAX steps under `jax.jit`, PyTorch eagerly. The native kernels do not update moving
 statistics in training (TF) or do it inside the kernel (torch), so the
 comparison is conservative for keras_bn. Timings are medians of `--repeats`
 runs after `--warmup` runs; the candidates run round-robin so that load
@@ -29,12 +30,14 @@ benchmarks/results/bench_layer.md):
 
     nice python benchmarks/bench_layer.py                 # all backends
     nice python benchmarks/bench_layer.py --backends torch --repeats 20
+    nice python benchmarks/bench_layer.py --tf-xla        # TensorFlow + XLA
     python benchmarks/bench_layer.py --render            # tables only
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -81,11 +84,12 @@ class _Backend:
 
 
 class _TensorFlow(_Backend):
-    def __init__(self):
+    def __init__(self, jit_compile=False):
         super().__init__()
         import tensorflow as tf
 
         self.tf = tf
+        self.function = functools.partial(tf.function, jit_compile=jit_compile)
         self.gpu = bool(tf.config.list_physical_devices("GPU"))
         self.scalar = tf.Variable(1.0)
 
@@ -97,7 +101,7 @@ class _TensorFlow(_Backend):
     def _grad_step(self, forward, x, dy, variables):
         tf = self.tf
 
-        @tf.function
+        @self.function
         def train(x, dy):
             with tf.GradientTape() as tape:
                 tape.watch(x)
@@ -109,7 +113,7 @@ class _TensorFlow(_Backend):
 
     def layer_steps(self, layer, x, dy):
         layer.build(x.shape)
-        infer = self.tf.function(lambda x: layer(x, training=False))
+        infer = self.function(lambda x: layer(x, training=False))
         train = self._grad_step(lambda x: layer(x, training=True), x, dy,
                                 [w.value for w in layer.trainable_weights])
         return train, lambda: self.sync(infer(x))
@@ -129,13 +133,13 @@ class _TensorFlow(_Backend):
                 is_training=training)[0]
             return tf.reshape(y, tf.shape(x))
 
-        infer = tf.function(lambda x: forward(x, False))
+        infer = self.function(lambda x: forward(x, False))
         train = self._grad_step(lambda x: forward(x, True), x, dy,
                                 [gamma, beta])
         return train, lambda: self.sync(infer(x))
 
     def copy_step(self, x):
-        fn = self.tf.function(lambda x: x * self.tf.cast(self.scalar, x.dtype))
+        fn = self.function(lambda x: x * self.tf.cast(self.scalar, x.dtype))
         return lambda: self.sync(fn(x))
 
     def peak_memory(self, step):
@@ -307,6 +311,12 @@ class _Jax(_Backend):
 BACKEND_CLASSES = {"tensorflow": _TensorFlow, "torch": _Torch, "jax": _Jax}
 
 
+def _make_backend(backend, args):
+    if backend == "tensorflow":
+        return _TensorFlow(jit_compile=args.tf_xla)
+    return BACKEND_CLASSES[backend]()
+
+
 # ------------------------------------------------------------------ child
 
 
@@ -334,7 +344,7 @@ def _steps(bk, shape, dtype):
 
 
 def child_timing(backend, args):
-    bk = BACKEND_CLASSES[backend]()
+    bk = _make_backend(backend, args)
     rows = []
     for shape in args.shapes:
         for dtype in args.dtypes:
@@ -351,7 +361,7 @@ def child_timing(backend, args):
 
 
 def child_memory(backend, args):
-    bk = BACKEND_CLASSES[backend]()
+    bk = _make_backend(backend, args)
     rows = []
     for shape in args.shapes:
         for dtype in args.dtypes:
@@ -435,13 +445,15 @@ def render(results_dir: Path) -> str:
              "fastest run, less sensitive to other processes' load. Peak "
              "MiB: one training step. Regenerate with "
              "`nice python benchmarks/bench_layer.py`.", ""]
-    for backend in common.BACKENDS:
-        path = results_dir / f"bench_layer_{backend}.json"
+    runs = [(b, b, b) for b in common.BACKENDS]
+    runs.insert(1, ("tensorflow", "tensorflow_xla", "tensorflow (XLA)"))
+    for backend, name, title in runs:
+        path = results_dir / f"bench_layer_{name}.json"
         if not path.exists():
             continue
         result = summarize(backend, json.loads(path.read_text()))
         m = result["machine"]
-        parts += [f"## {backend}", "",
+        parts += [f"## {title}", "",
                   f"{m.get('device')} / {m['cpu']} ({m['cpu_count']} cores), "
                   f"keras {m.get('keras')}, {backend} {m.get(backend)}, "
                   f"{m['date']}, median of {result['repeats']}.", ""]
@@ -479,6 +491,9 @@ def main(argv=None):
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--tf-xla", action="store_true",
+                        help="TensorFlow only: jit_compile=True for every "
+                        "candidate (results in bench_layer_tensorflow_xla)")
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -500,6 +515,9 @@ def main(argv=None):
                        str(args.warmup), "--shapes",
                        ";".join(",".join(map(str, s)) for s in args.shapes),
                        "--dtypes", ",".join(args.dtypes)]
+        if args.tf_xla:
+            backends = [b for b in backends if b == "tensorflow"]
+            passthrough.append("--tf-xla")
         timings = common.run_children(__file__, backends, passthrough)
         memory = {} if args.no_memory else common.run_children(
             __file__, backends, passthrough + ["--memory-only"],
@@ -509,7 +527,8 @@ def main(argv=None):
             if backend in memory:
                 result["memory"] = memory[backend]
             summarize(backend, result)
-            common.write_results("bench_layer", backend, result, args.out)
+            name = backend + ("_xla" if args.tf_xla else "")
+            common.write_results("bench_layer", name, result, args.out)
     text = render(args.out)
     (args.out / "bench_layer.md").write_text(text + "\n")
     print(text)
