@@ -49,11 +49,11 @@ class ActivationPercentiles(keras.callbacks.Callback):
 
     This is the statistic of Figure 1(b, c) of Ioffe & Szegedy (2015): the
     15th, 50th and 85th percentiles of the input to one sigmoid unit, on a
-    fixed set of examples, as training goes on. Without batch normalization
-    that distribution drifts ("internal covariate shift"); with it, it stays
-    put. The callback runs the model up to `layer` on `data` before training
-    and every `every` training batches, and keeps the percentiles of the
-    chosen unit's values.
+    fixed set of examples, as training goes on. In the paper's MNIST network
+    that distribution drifts without batch normalization ("internal
+    covariate shift") and stays put with it. The callback runs the model up
+    to `layer` on `data` before training and every `every` training
+    batches, and keeps the percentiles of the chosen unit's values.
 
     Example:
 
@@ -78,7 +78,8 @@ class ActivationPercentiles(keras.callbacks.Callback):
             order of the columns of `values`. Computed as NumPy's
             `np.percentile` (linear interpolation) in float64.
         every: Record after every `every` training batches (counted across
-            epochs), and once before the first batch.
+            epochs; with `steps_per_execution > 1` a "batch" is one
+            execution), and once before the first batch.
         unit: Index along the last axis of the layer's input (the feature
             or channel) to record. Its values at all other positions
             (examples, and pixels of images) are pooled. `None` pools all
