@@ -37,6 +37,11 @@ def run_children(script: str, backends, extra_args, extra_env=None) -> dict:
     out = {}
     for backend in backends:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        # OpenMP threads that spin while waiting stall every parallel kernel
+        # for up to ~100 ms whenever another process holds the other core of
+        # a small shared machine: that measures the neighbours, not the
+        # kernels. Sleeping waits keep the comparison about the kernels.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update((extra_env or {}).get(backend, {}))
         cmd = [sys.executable, script, "--child", backend, *extra_args]
         print(f"--- {backend}: {' '.join(cmd[1:])}", flush=True)
@@ -131,6 +136,7 @@ def machine(backend: str | None = None) -> dict:
         info["load_average"] = os.getloadavg()
     except OSError:
         pass
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     if backend is None:
         return info
     import keras

@@ -24,7 +24,16 @@ EPS = 1e-3
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records, per call of `backends.fused_*`, whether the kernel ran."""
+    """Records, per call of `backends.fused_*`, whether the kernel ran.
+
+    TensorFlow's CPU fast path leaves small tensors to the reference path
+    (it is faster there); the size floor is lifted so that the kernel runs
+    on the small tensors of these tests.
+    """
+    if BACKEND == "tensorflow":
+        from keras_bn.backends import tensorflow_backend
+
+        monkeypatch.setattr(tensorflow_backend, "_MIN_FUSED_SIZE_CPU", 0)
     calls = []
     for name in ("fused_train", "fused_infer"):
         original = getattr(backends, name)
@@ -257,6 +266,22 @@ def test_declines_where_it_would_change_results(spy, options):
     np.testing.assert_array_equal(dx_fast, dx_slow)
     for a, b in zip(_moving(fast), _moving(slow)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF's CPU size floor")
+def test_tf_small_tensors_take_the_reference_path_on_cpu():
+    from keras_bn.backends import tensorflow_backend
+
+    if tensorflow_backend._has_gpu():
+        pytest.skip("the size floor applies on CPU only")
+    floor = tensorflow_backend._MIN_FUSED_SIZE_CPU
+    small = keras.ops.zeros((floor // 64 - 1, 64))
+    large = keras.ops.zeros((floor // 64, 64))
+    mean, variance = keras.ops.zeros((64,)), keras.ops.ones((64,))
+    assert backends.fused_train(small, None, None, EPS, 1) is None
+    assert backends.fused_infer(small, mean, variance, None, None, EPS,
+                                1) is None
+    assert backends.fused_train(large, None, None, EPS, 1) is not None
 
 
 @pytest.mark.skipif(BACKEND == "jax", reason="JAX has no float64 unless "
