@@ -26,6 +26,9 @@ def main(argv: list[str]) -> int:
     failed_backends = []
     for backend in BACKENDS:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        # Busy-waiting OpenMP threads make torch 10x slower as soon as another
+        # process (the distributed tests' workers) shares the cores.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         start = time.time()
         print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
         proc = subprocess.Popen(
