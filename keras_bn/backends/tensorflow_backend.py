@@ -25,7 +25,8 @@ def cross_replica(count, shift, delta, m2):
         return count, delta, m2
     local = tf.stack([count, shift, delta, m2])[None]
     gathered = ctx.all_gather(local, axis=0)
-    return statistics.combine(*tf.unstack(gathered, axis=1), shift=shift)
+    gathered = tf.reshape(gathered, [-1] + local.shape.as_list()[1:])
+    return statistics.combine(*tf.unstack(gathered, num=4, axis=1), shift=shift)
 
 
 # ------------------------------------------------------------ fused kernels
