@@ -46,21 +46,27 @@ def cross_replica(count, shift, delta, m2):
     return _module().cross_replica(count, shift, delta, m2)
 
 
-def fused_train(inputs, gamma, beta, epsilon: float, axis: int):
+def fused_train(inputs, gamma, beta, epsilon: float, axis: int,
+                exact: bool = True):
     """The backend's fused training-mode batch norm, or None to decline.
 
     Args:
-        inputs: The layer's input, already cast to the statistics dtype.
-        gamma, beta: Per-channel scale and offset (1-D), or None.
+        inputs: The layer's input: float32, or float16/bfloat16 when that
+            is the layer's compute dtype (statistics stay float32).
+        gamma, beta: Per-channel float32 scale and offset (1-D), or None.
         epsilon: Added to the variance.
         axis: The single (non-negative) feature axis.
+        exact: Only a path as exact as the reference path (float32 sums
+            kept short); `False` also allows the backend's kernel as it is
+            (its float32 sums over the whole batch drift ~1e-4 on CPU).
 
     Returns:
         `(outputs, mean, variance)` with 1-D biased batch statistics, or
-        `None` when no fused kernel gives the reference path's results here.
+        `None` to decline.
     """
     fn = getattr(_module(), "fused_train", None)
-    return None if fn is None else fn(inputs, gamma, beta, epsilon, axis)
+    return None if fn is None else fn(inputs, gamma, beta, epsilon, axis,
+                                      exact)
 
 
 def fused_infer(inputs, mean, variance, gamma, beta, epsilon: float, axis: int):

@@ -102,10 +102,12 @@ def _fbn(x4, scale, offset, epsilon, data_format):
     )
 
 
-def fused_train(x, gamma, beta, epsilon, axis):
+def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     import tensorflow as tf
 
-    if _declines(x):
+    # FusedBatchNormV3 sums each channel in float32 over the whole batch
+    # (variance ~1e-4 off on 57,600 ReLU activations), so only on request.
+    if exact or _declines(x):
         return None
     shaped = _as_4d(x, axis)
     if shaped is None:

@@ -150,13 +150,14 @@ class BatchNormalization(keras.layers.Layer):
         skip_nonfinite_updates: If `True` (the default), channels whose
             batch statistics are not finite leave their moving statistics
             unchanged.
-        fused: `None` (default) uses the backend's fused kernel in
-            inference, where it gives the reference path's results, and the
-            exact `keras.ops` path in training. `True` also trains with the
-            backend's fused kernel (TF's FusedBatchNormV3, ATen's batch norm)
-            where it applies: faster, but its float32 sums drift about 3e-4
-            from float64 on long reductions on CPU. `False` always uses the
-            reference path.
+        fused: `None` (default) uses a backend fast path wherever it is as
+            exact as the `keras.ops` reference path: the backends' kernels
+            in inference; in training, XLA-fused statistics with a custom
+            gradient (JAX) and ATen's kernels fed short groups of values
+            (PyTorch). `True` also trains with the backend's kernel as it
+            is (TF's FusedBatchNormV3, ATen's batch norm): faster, but its
+            float32 sums drift about 3e-4 from float64 on long reductions
+            on CPU. `False` always uses the reference path.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -439,8 +440,7 @@ class BatchNormalization(keras.layers.Layer):
         ):
             return None
         if training and (
-            self.fused is not True
-            or self.renorm
+            self.renorm
             or self.virtual_batch_size is not None
             or backends.num_replicas() > 1
         ):
@@ -459,7 +459,8 @@ class BatchNormalization(keras.layers.Layer):
                 self._vector(self.moving_variance, stat_dtype),
                 gamma, beta, self.epsilon, axis,
             )
-        fused = backends.fused_train(x, gamma, beta, self.epsilon, axis)
+        fused = backends.fused_train(x, gamma, beta, self.epsilon, axis,
+                                     exact=self.fused is not True)
         if fused is None:
             return None
         outputs, mean, variance = fused
