@@ -4,7 +4,10 @@ For each backend (one child process each) and each shape/dtype, times the
 training step (forward + backward, moving statistics updated) and the
 inference forward of
 
-- `keras_bn`: `keras_bn.BatchNormalization()` (fast path where it applies),
+- `keras_bn`: `keras_bn.BatchNormalization()` (the default: exact fast
+  paths where they exist),
+- `keras_bn_fused`: the same layer with `fused=True` (the backend's kernels
+  as they are, less exact on long reductions),
 - `keras_bn_ref`: the same layer with `fused=False` (the `keras.ops` path),
 - `keras`: `keras.layers.BatchNormalization()`,
 - `native`: the backend's own kernel (`tf.compat.v1.nn.fused_batch_norm`,
@@ -19,7 +22,8 @@ compiled memory analysis under JAX (temporaries + outputs).
 
 TensorFlow steps run in `tf.function` (graph mode; with `--tf-xla`, a
 separate run compiles every candidate with `jit_compile=True`, as
-`model.fit` does by default), JAX steps under `jax.jit`, PyTorch eagerly. The native kernels do not update moving
+`model.fit` does with a GPU), JAX steps under `jax.jit`, PyTorch eagerly.
+The native kernels do not update moving
 statistics in training (TF) or do it inside the kernel (torch), so the
 comparison is conservative for keras_bn. Timings are medians of `--repeats`
 runs after `--warmup` runs; the candidates run round-robin so that load
@@ -47,7 +51,11 @@ import common  # noqa: E402
 
 SHAPES = ((128, 32, 32, 64), (32, 56, 56, 256), (1024, 4096))
 DTYPES = ("float32", "bfloat16")
-CASES = ("keras_bn", "keras_bn_ref", "keras", "native", "copy")
+CASES = ("keras_bn", "keras_bn_fused", "keras_bn_ref", "keras", "native",
+         "copy")
+LAYERS = CASES[:4]
+# keras_bn's `fused` argument per case.
+FUSED = {"keras_bn": None, "keras_bn_fused": True, "keras_bn_ref": False}
 EPSILON = 1e-3
 # Targets of the issue, per backend: the training step against the native
 # kernel (or Keras's layer on JAX), inference against the faster of the two.
@@ -80,7 +88,7 @@ class _Backend:
                 epsilon=EPSILON, dtype=policy)
         return keras_bn.BatchNormalization(
             epsilon=EPSILON, dtype=policy,
-            fused=False if case == "keras_bn_ref" else None)
+            fused=FUSED[case])
 
 
 class _TensorFlow(_Backend):
@@ -333,7 +341,7 @@ def _steps(bk, shape, dtype):
     """{case: (train, infer)} for one shape and dtype."""
     x, dy = _inputs(bk, shape, dtype)
     steps = {}
-    for case in ("keras_bn", "keras_bn_ref", "keras"):
+    for case in LAYERS:
         steps[case] = bk.layer_steps(bk.layer(case, dtype), x, dy)
     native = bk.native_steps(x, dy)
     if native is not None:
@@ -367,7 +375,7 @@ def child_memory(backend, args):
         for dtype in args.dtypes:
             x, dy = _inputs(bk, shape, dtype)
             peaks = {}
-            for case in ("keras_bn", "keras_bn_ref", "keras"):
+            for case in LAYERS:
                 layer = bk.layer(case, dtype)
                 if backend == "jax":
                     peaks[case] = bk.layer_peak_memory(layer, x, dy)
@@ -407,7 +415,7 @@ def summarize(backend, result):
         med = {k: v["median_ms"] for k, v in row["times"].items()}
         ours = med.get("keras_bn")
         row["ratios"] = {f"keras_bn/{k}": _ratio(ours, med.get(k))
-                         for k in ("keras_bn_ref", "keras", "native", "copy")}
+                         for k in CASES[1:]}
 
         def target_ratio(stat):
             t = {k: v[stat] for k, v in row["times"].items()}
@@ -457,8 +465,9 @@ def render(results_dir: Path) -> str:
                   f"{m.get('device')} / {m['cpu']} ({m['cpu_count']} cores), "
                   f"keras {m.get('keras')}, {backend} {m.get(backend)}, "
                   f"{m['date']}, median of {result['repeats']}.", ""]
-        header = ["shape", "dtype", "mode", "keras_bn", "keras_bn fused=False",
-                  "keras", "native", "copy", "ratio", "ratio of min", "target",
+        header = ["shape", "dtype", "mode", "keras_bn", "keras_bn fused=True",
+                  "keras_bn fused=False", "keras", "native", "copy", "ratio",
+                  "ratio of min", "target",
                   "peak MiB keras_bn / keras / native"]
         rows = []
         for row in result["rows"]:

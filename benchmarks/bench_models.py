@@ -2,14 +2,15 @@
 
 For each backend (one child process each), trains the articles' models
 (`keras_bn.models.cifar10_conv`, `keras_bn.models.mnist_dense`) with
-`keras_bn.BatchNormalization`, with `keras.layers.BatchNormalization` and
-without batch normalization, and reports samples per second and
+`keras_bn.BatchNormalization` (default, and `fused=True`: the backends'
+kernels as they are), with `keras.layers.BatchNormalization` and without
+batch normalization, and reports samples per second and
 
     BN tax = 1 - throughput with BN / throughput without BN.
 
 Training is `model.fit` with Keras's defaults (Adam, sparse categorical
-cross-entropy, `jit_compile="auto"`: XLA on TensorFlow and JAX, eager on
-PyTorch) on synthetic data (speed does not depend on the values: inputs in
+cross-entropy, `jit_compile="auto"`: XLA under JAX, and under TensorFlow
+only with a GPU; eager on PyTorch) on synthetic data (speed does not depend on the values: inputs in
 [0, 1], random labels). Each measurement is one `fit` epoch of `--steps`
 batches after a warm-up epoch that compiles; the variants run round-robin in
 a random order each round and the median of `--repeats` rounds is reported.
@@ -25,6 +26,7 @@ benchmarks/results/bench_models.md):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -37,18 +39,24 @@ MODELS = {
     "cifar10_conv": ("cifar10_conv", {}, (32, 32, 3), 128, 10),
     "mnist_dense": ("mnist_dense", {"variant": "article3"}, (784,), 128, 200),
 }
-VARIANTS = ("keras_bn", "keras", "no_bn")
+VARIANTS = ("keras_bn", "keras_bn_fused", "keras", "no_bn")
+BN_VARIANTS = VARIANTS[:3]
 TAX_TARGET = {"cifar10_conv": 0.15}
 
 
 def _build(name, variant, jit_compile):
     import keras
 
+    import keras_bn
     import keras_bn.models
 
     builder, kwargs, _, _, _ = MODELS[name]
-    norm_layer = {"keras_bn": None,
-                  "keras": keras.layers.BatchNormalization}.get(variant)
+    norm_layer = {
+        "keras_bn": None,
+        "keras_bn_fused": functools.partial(keras_bn.BatchNormalization,
+                                            fused=True),
+        "keras": keras.layers.BatchNormalization,
+    }.get(variant)
     model = getattr(keras_bn.models, builder)(
         batch_norm=variant != "no_bn", norm_layer=norm_layer, **kwargs)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
@@ -85,18 +93,18 @@ def child(backend, args):
         throughput = {v: samples / (t["median_ms"] / 1e3)
                       for v, t in times.items()}
         tax = {v: 1.0 - throughput[v] / throughput["no_bn"]
-               for v in ("keras_bn", "keras")}
+               for v in BN_VARIANTS}
         # From each variant's fastest epoch: less sensitive to the load of
         # other processes on a shared machine.
         tax_of_min = {v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
-                      for v in ("keras_bn", "keras")}
+                      for v in BN_VARIANTS}
         rows.append({"model": name, "batch_size": batch, "steps": steps,
                      "times": times, "samples_per_s": throughput,
                      "bn_tax": tax, "bn_tax_of_min": tax_of_min})
         print(f"{backend} {name}: " + ", ".join(
             f"{v}={throughput[v]:.0f}/s" for v in VARIANTS)
-            + f"; BN tax keras_bn={tax['keras_bn']:.1%}, "
-            f"keras={tax['keras']:.1%}", file=sys.stderr, flush=True)
+            + "; BN tax " + ", ".join(f"{v}={tax[v]:.1%}" for v in BN_VARIANTS),
+            file=sys.stderr, flush=True)
     return {"machine": common.machine(backend), "repeats": args.repeats,
             "jit_compile": args.jit_compile, "rows": rows}
 
@@ -111,8 +119,9 @@ def render(results_dir: Path) -> str:
              "model <= 15% with keras_bn. Regenerate with "
              "`nice python benchmarks/bench_models.py`.", ""]
     header = ["backend", "jit_compile", "model", "batch x steps",
-              "keras_bn /s", "keras /s", "no BN /s", "BN tax keras_bn",
-              "BN tax keras", "target"]
+              "keras_bn /s", "keras_bn fused=True /s", "keras /s", "no BN /s",
+              "BN tax keras_bn", "BN tax fused=True", "BN tax keras",
+              "target"]
     rows, machines = [], []
     for backend in common.BACKENDS:
         for path in sorted(results_dir.glob(f"bench_models_{backend}*.json")):
@@ -133,10 +142,10 @@ def render(results_dir: Path) -> str:
                 rows.append([
                     backend, result["jit_compile"], row["model"],
                     f"{row['batch_size']} x {row['steps']}",
-                    *(f"{thr[v]:.0f}" for v in VARIANTS),
+                    *(f"{thr[v]:.0f}" if v in thr else "-" for v in VARIANTS),
                     *(f"{tax[v]:.1%}" + (f" ({tax_min[v]:.1%})"
                                          if v in tax_min else "")
-                      for v in ("keras_bn", "keras")),
+                      if v in tax else "-" for v in BN_VARIANTS),
                     target,
                 ])
     parts += [common.markdown_table(header, rows), "", *machines, ""]
