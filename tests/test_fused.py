@@ -123,11 +123,17 @@ LAYOUTS = [
 # The exact fast paths (the default) exist on JAX and PyTorch; TensorFlow's
 # training kernel runs only on request (fused=True).
 EXACT_TRAINING = BACKEND in ("jax", "torch")
+BOTH_PATHS = pytest.mark.parametrize("fused", [None, True])
+
+
+def _check_ran(spy, fused):
+    ran = ("fused_train", True) in spy
+    assert ran == (fused is True or EXACT_TRAINING), f"fast path ran: {ran}"
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=str)
 @pytest.mark.parametrize("center,scale", [(True, True), (False, False)])
-@pytest.mark.parametrize("fused", [None, True])
+@BOTH_PATHS
 def test_training_matches_reference_path(spy, shape, axis, center, scale,
                                          fused):
     rng = np.random.default_rng(1)
@@ -136,9 +142,7 @@ def test_training_matches_reference_path(spy, shape, axis, center, scale,
     x = (rng.normal(size=shape) * 3.0 + 2.0).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     y_fast, dx_fast, g_fast = _grads(fast, x, dy)
-    ran = ("fused_train", True) in spy
-    assert ran == (fused is True or EXACT_TRAINING), "fast path ran: " + str(
-        ran)
+    _check_ran(spy, fused)
     y_slow, dx_slow, g_slow = _grads(slow, x, dy)
     _assert_same(y_fast, y_slow, 1e-5, "outputs")
     _assert_same(dx_fast, dx_slow, 1e-5, "d inputs")
@@ -156,15 +160,16 @@ def test_training_matches_reference_path(spy, shape, axis, center, scale,
                  "inference outputs")
 
 
-def test_moving_variance_is_the_biased_batch_variance(spy):
+@BOTH_PATHS
+def test_moving_variance_is_the_biased_batch_variance(spy, fused):
     # x = 1, 2, 3, 4 in one channel: mean 2.5, biased variance
     # (2.25 + 0.25 + 0.25 + 2.25) / 4 = 1.25 (unbiased would be 5/3).
     # With momentum 0.75: 0.75 * 0 + 0.25 * 2.5 = 0.625 and
     # 0.75 * 1 + 0.25 * 1.25 = 1.0625.
-    layer = keras_bn.BatchNormalization(momentum=0.75, fused=True)
+    layer = keras_bn.BatchNormalization(momentum=0.75, fused=fused)
     x = np.array([[1.0], [2.0], [3.0], [4.0]], "float32")
     y = _numpy(layer(x, training=True))
-    assert ("fused_train", True) in spy
+    _check_ran(spy, fused)
     np.testing.assert_allclose(_numpy(layer.moving_mean), [0.625], rtol=1e-6)
     np.testing.assert_allclose(_numpy(layer.moving_variance), [1.0625],
                                rtol=1e-6)
@@ -187,15 +192,16 @@ def test_single_value_per_channel_has_zero_variance():
 
 @pytest.mark.parametrize("shape", [(64, 3, 3, 4), (128, 32, 32, 8)],
                          ids=str)
-def test_large_mean_normalizes_exactly(spy, shape):
+@BOTH_PATHS
+def test_large_mean_normalizes_exactly(spy, shape, fused):
     # |mean| = 1e4 std: float32 sums of the raw values lose the variance
     # entirely on the larger batch (TF's and ATen's kernels give an output
     # std near 0.3 there); the fast path must still normalize.
     rng = np.random.default_rng(2)
     x = (1e4 + rng.normal(size=shape)).astype("float32")
-    layer = keras_bn.BatchNormalization(momentum=0.0, fused=True)
+    layer = keras_bn.BatchNormalization(momentum=0.0, fused=fused)
     y = _numpy(layer(x, training=True)).astype(np.float64)
-    assert ("fused_train", True) in spy
+    _check_ran(spy, fused)
     assert np.all(np.isfinite(y))
     flat = y.reshape(-1, shape[-1])
     np.testing.assert_allclose(flat.std(axis=0), 1.0, atol=1e-3)
@@ -221,14 +227,15 @@ def test_large_moving_mean_inference_is_exact():
     ref.assert_close(y, expected, tol=1e-6, what="outputs")
 
 
-def test_large_mean_gradients_match_reference_path(spy):
+@BOTH_PATHS
+def test_large_mean_gradients_match_reference_path(spy, fused):
     rng = np.random.default_rng(3)
     shape = (16, 3, 3, 4)
-    fast, slow = _pair(rng, shape)
+    fast, slow = _pair(rng, shape, fused=fused)
     x = (-1e4 + rng.normal(size=shape) * 0.5).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     y_fast, dx_fast, g_fast = _grads(fast, x, dy)
-    assert ("fused_train", True) in spy
+    _check_ran(spy, fused)
     y_slow, dx_slow, g_slow = _grads(slow, x, dy)
     _assert_same(y_fast, y_slow, 1e-4, "outputs")
     # dx scales with gamma / std = 2 / 0.5 here.
@@ -237,8 +244,9 @@ def test_large_mean_gradients_match_reference_path(spy):
         _assert_same(g_fast[name], g_slow[name], 1e-4, f"d {name}")
 
 
-def test_empty_and_nan_batches_leave_moving_statistics(spy):
-    layer = keras_bn.BatchNormalization(momentum=0.5, fused=True)
+@BOTH_PATHS
+def test_empty_and_nan_batches_leave_moving_statistics(spy, fused):
+    layer = keras_bn.BatchNormalization(momentum=0.5, fused=fused)
     layer.build((None, 2, 2, 3))
     before = _moving(layer)
     y = layer(np.zeros((0, 2, 2, 3), "float32"), training=True)
@@ -249,7 +257,7 @@ def test_empty_and_nan_batches_leave_moving_statistics(spy):
     x[3, 1, 0, 1] = np.nan
     spy.clear()
     layer(x, training=True)
-    assert ("fused_train", True) in spy
+    _check_ran(spy, fused)
     mean, var = _moving(layer)
     assert mean[1] == before[0][1] and var[1] == before[1][1]
     _, mu, v = ref.batch_stats(np.delete(x, 1, axis=3), (3,))
@@ -313,14 +321,15 @@ def test_float64_inputs_take_the_reference_path(spy):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("offset", [0.5, 300.0])
-def test_half_precision_matches_reference_path(spy, dtype, offset):
+@BOTH_PATHS
+def test_half_precision_matches_reference_path(spy, dtype, offset, fused):
     rng = np.random.default_rng(7)
     shape = (16, 3, 3, 4)
     policy = f"mixed_{dtype}"
-    fast, slow = _pair(rng, shape, dtype=policy)
+    fast, slow = _pair(rng, shape, fused=fused, dtype=policy)
     x = keras.ops.cast(rng.normal(size=shape) * 3.0 + offset, dtype)
     y_fast = fast(x, training=True)
-    assert ("fused_train", True) in spy
+    _check_ran(spy, fused)
     y_slow = slow(x, training=True)
     assert keras.backend.standardize_dtype(y_fast.dtype) == dtype
     # Within two roundings of the output to the half type (its unit
@@ -405,12 +414,13 @@ def test_jax_jit_and_grad(spy):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch layout")
-def test_torch_channels_last_view_and_autograd(spy):
+@BOTH_PATHS
+def test_torch_channels_last_view_and_autograd(spy, fused):
     import torch
 
     rng = np.random.default_rng(10)
     shape = (4, 5, 6, 3)
-    fast, slow = _pair(rng, shape)
+    fast, slow = _pair(rng, shape, fused=fused)
     x = torch.tensor(rng.normal(size=shape).astype("float32"),
                      requires_grad=True)
     y = fast(x, training=True)

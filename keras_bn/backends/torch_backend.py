@@ -205,17 +205,20 @@ def _exact_rows_train(rows, gamma, beta, epsilon):
 
     n = rows.shape[0]
     groups = _groups(n)
-    if n // groups > 4 * _GROUP or rows.dtype != torch.float32:
-        return None  # no short groups (n with a large prime factor), or half
+    if n // groups > 4 * _GROUP or rows.dtype == torch.float64:
+        return None  # no short groups (n with a large prime factor)
     if not _ROWS_BATCH_NORM:
         _ROWS_BATCH_NORM.append(_rows_batch_norm())
     apply = _ROWS_BATCH_NORM[0].apply
-    y, mean, var = apply(rows, gamma, beta, epsilon, groups)
+    # Half precision: computed in float32 and rounded once, as the
+    # reference path does.
+    rows32 = rows.float()
+    y, mean, var = apply(rows32, gamma, beta, epsilon, groups)
     if bool((mean * mean > _MAX_MEAN_TO_STD**2 * var).any()):
         shift = _leading_mean(rows)
-        y, mean, var = apply(rows - shift, gamma, beta, epsilon, groups)
+        y, mean, var = apply(rows32 - shift, gamma, beta, epsilon, groups)
         mean = mean + shift
-    return y, mean, var
+    return y.to(rows.dtype), mean, var
 
 
 def fused_train(x, gamma, beta, epsilon, axis, exact=True):
