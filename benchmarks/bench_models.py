@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 MODELS = {
     # name: (builder name, kwargs, input shape, batch size, steps)
-    "cifar10_conv": ("cifar10_conv", {}, (32, 32, 3), 128, 10),
+    "cifar10_conv": ("cifar10_conv", {}, (32, 32, 3), 128, 30),
     "mnist_dense": ("mnist_dense", {"variant": "article3"}, (784,), 128, 200),
 }
 VARIANTS = ("keras_bn", "keras_bn_fused", "keras", "no_bn")
