@@ -117,6 +117,7 @@ LAYOUTS = [
     ((6, 3, 4, 5), 1),
     ((3, 4, 3, 2, 5), -1),
     ((5, 6), 0),
+    ((8, 16, 16, 4), -1),  # 2048 values a channel: PyTorch's grouped path
 ]
 
 

@@ -228,17 +228,15 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     n = x.numel() // channels if channels else 0
     if n < 2:  # ATen refuses single values; the Bessel factor needs n > 1.
         return None
-    if axis != x.dim() - 1:  # ATen's contiguous kernels reduce accurately.
-        view, restore = _channels_view(x, axis)
-        y, mean, var = _kernel_train(view, gamma, beta, epsilon, n)
-        return restore(y), mean, var
-    if exact:
-        rows = x.reshape(-1, channels)
-        out = _exact_rows_train(rows, gamma, beta, epsilon)
+    if exact and axis == x.dim() - 1 and n > 4 * _GROUP:
+        out = _exact_rows_train(x.reshape(-1, channels), gamma, beta, epsilon)
         if out is None:
             return None
         y, mean, var = out
         return y.reshape(x.shape), mean, var
+    # ATen's kernel as it is: on request (exact=False), for channels-first
+    # data (its contiguous kernels reduce accurately), and for batches that
+    # fit in one group of the exact path, which it then equals.
     view, restore = _channels_view(x, axis)
     y, mean, var = _kernel_train(view, gamma, beta, epsilon, n)
     return restore(y), mean, var
