@@ -360,3 +360,38 @@ def test_fit_in_sequential_model():
     model.fit(x, y, epochs=2, batch_size=16, verbose=0)
     mm = keras.ops.convert_to_numpy(model.layers[0].moving_mean)
     assert np.all(mm != 0) and np.all(np.isfinite(mm))
+
+
+_FLOAT64_SCRIPT = """
+import keras, numpy as np, keras_bn
+from tests import reference as ref
+x = np.random.default_rng(8).normal(size=(64, 3)) * 1e-3 + 1e4
+layer = keras_bn.BatchNormalization(dtype="float64", momentum=0.0)
+y = keras.ops.convert_to_numpy(layer(x, training=True))
+expected, mean, var = ref.forward_train(x, (1,), np.ones(3), np.zeros(3), 1e-3)
+np.testing.assert_allclose(y, expected, rtol=0, atol=1e-9)
+np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_mean),
+                           mean.ravel(), rtol=1e-12)
+np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_variance),
+                           var.ravel(), rtol=1e-7)
+print("ok", y.dtype)
+"""
+
+
+def test_float64_layer_keeps_float64_statistics():
+    """mean = 1e7 * std: only float64 statistics can normalize this.
+
+    In float32, 1e4 is spaced 1e-3 apart, so the batch would collapse. Runs
+    in a subprocess so that JAX can have float64 (`JAX_ENABLE_X64`).
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_ENABLE_X64="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FLOAT64_SCRIPT], cwd=root,
+                          env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ok float64" in proc.stdout

@@ -366,11 +366,10 @@ class BatchNormalization(keras.layers.Layer):
                 f"{type(self).__name__} needs real inputs (float, int or "
                 f"bool). Received: inputs.dtype={dtype}"
             )
-        # Statistics in float32 at least, whatever the compute dtype.
-        stat_dtype = keras.backend.result_type(
-            dtype if "float" in dtype else "float32", "float32"
-        )
-        return ops.cast(inputs, stat_dtype)
+        # Statistics in float32 at least, whatever the compute dtype. (Not
+        # `keras.backend.result_type`: on PyTorch it promotes float64 with
+        # float32 to float32.)
+        return ops.cast(inputs, "float64" if dtype == "float64" else "float32")
 
     def _mask_weights(self, mask, x):
         if mask is None:
