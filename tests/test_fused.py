@@ -1,7 +1,9 @@
 """The backends' fast paths against the keras.ops reference path.
 
 Every fast path must give the reference path's (`fused=False`) outputs,
-gradients and moving statistics. Training kernels run only when asked for
+gradients and moving statistics. By default training runs the backends'
+exact fast paths (float32 sums kept short; TensorFlow's covers channels-last
+inputs on CPU outside XLA); the kernels as they are run only when asked for
 (`fused=True`: their float32 sums are less exact on long reductions, see
 test_default_training_is_exact_on_long_reductions); inference kernels run
 by default. A spy on
@@ -31,12 +33,16 @@ def spy(monkeypatch):
 
     TensorFlow's CPU fast path leaves small tensors to the reference path
     (it is faster there); the size floor is lifted so that the kernel runs
-    on the small tensors of these tests.
+    on the small tensors of these tests. Its exact path pools groups of
+    rows beyond `_GROUP_ROWS` rows (4096); lowered to 100 here, so that the
+    tests below over 100 rows take the grouped statistics, and the smaller
+    ones the kernel's own.
     """
     if BACKEND == "tensorflow":
         from keras_bn.backends import tensorflow_backend
 
         monkeypatch.setattr(tensorflow_backend, "_MIN_FUSED_SIZE_CPU", 0)
+        monkeypatch.setattr(tensorflow_backend, "_GROUP_ROWS", 100)
     calls = []
     for name in ("fused_train", "fused_infer"):
         original = getattr(backends, name)
@@ -121,15 +127,15 @@ LAYOUTS = [
 ]
 
 
-# The exact fast paths (the default) exist on JAX and PyTorch; TensorFlow's
-# training kernel runs only on request (fused=True).
-EXACT_TRAINING = BACKEND in ("jax", "torch")
+# The exact fast paths (the default) exist on every backend; TensorFlow's
+# takes channels-last inputs only (channels first: the reference path).
 BOTH_PATHS = pytest.mark.parametrize("fused", [None, True])
 
 
-def _check_ran(spy, fused):
+def _check_ran(spy, fused, channels_last=True):
     ran = ("fused_train", True) in spy
-    assert ran == (fused is True or EXACT_TRAINING), f"fast path ran: {ran}"
+    exact = channels_last or BACKEND != "tensorflow"
+    assert ran == (fused is True or exact), f"fast path ran: {ran}"
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=str)
@@ -143,7 +149,7 @@ def test_training_matches_reference_path(spy, shape, axis, center, scale,
     x = (rng.normal(size=shape) * 3.0 + 2.0).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     y_fast, dx_fast, g_fast = _grads(fast, x, dy)
-    _check_ran(spy, fused)
+    _check_ran(spy, fused, channels_last=axis in (-1, len(shape) - 1))
     y_slow, dx_slow, g_slow = _grads(slow, x, dy)
     _assert_same(y_fast, y_slow, 1e-5, "outputs")
     _assert_same(dx_fast, dx_slow, 1e-5, "d inputs")
@@ -191,8 +197,8 @@ def test_single_value_per_channel_has_zero_variance():
     np.testing.assert_allclose(_numpy(layer.moving_variance), [0.5, 0.5])
 
 
-@pytest.mark.parametrize("shape", [(64, 3, 3, 4), (128, 32, 32, 8)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(8, 3, 3, 4), (64, 3, 3, 4),
+                                   (128, 32, 32, 8)], ids=str)
 @BOTH_PATHS
 def test_large_mean_normalizes_exactly(spy, shape, fused):
     # |mean| = 1e4 std: float32 sums of the raw values lose the variance
@@ -347,18 +353,21 @@ def test_half_precision_matches_reference_path(spy, dtype, offset, fused):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function / XLA")
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_tf_function_and_xla(spy, jit_compile):
+@BOTH_PATHS
+def test_tf_function_and_xla(spy, jit_compile, fused):
     import tensorflow as tf
 
     rng = np.random.default_rng(8)
     shape = (32, 4, 4, 3)
-    fast, slow = _pair(rng, shape)
+    fast, slow = _pair(rng, shape, fused=fused)
     # A large common offset: XLA's own lowering forms E[x^2] - E[x]^2.
     x = tf.constant((3e3 + rng.normal(size=shape)).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
 
     def step(layer):
-        @tf.function(jit_compile=jit_compile)
+        # Unknown batch size, as in model.fit.
+        @tf.function(jit_compile=jit_compile, input_signature=[
+            tf.TensorSpec((None,) + shape[1:], tf.float32)])
         def run(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
@@ -369,13 +378,61 @@ def test_tf_function_and_xla(spy, jit_compile):
         return run(x)
 
     y_fast, g_fast = step(fast)
-    assert ("fused_train", True) in spy
+    # The exact path leaves XLA to the reference path.
+    ran = ("fused_train", True) in spy
+    assert ran == (fused is True or not jit_compile), f"fast path ran: {ran}"
     y_slow, g_slow = step(slow)
     _assert_same(y_fast.numpy(), y_slow.numpy(), 1e-5, "outputs")
     for a, b in zip(g_fast, g_slow):
         _assert_same(a.numpy(), b.numpy(), 1e-4, "gradients")
     for a, b in zip(_moving(fast), _moving(slow)):
         _assert_same(a, b, 1e-5, "moving statistics")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF's grouped statistics")
+@pytest.mark.parametrize("rows", [1, 3, 4, 10, 23])
+@pytest.mark.parametrize("offset", [0.5, 1e4])
+def test_tf_grouped_statistics_match_float64_for_any_batch(
+        spy, monkeypatch, rows, offset):
+    """Groups of 4 rows or fewer plus a remainder group (none for 4 rows;
+    1 row: a single group of 1), batch size unknown when traced, against
+    the float64 reference: the grouping and pooling lose nothing."""
+    import tensorflow as tf
+
+    from keras_bn.backends import tensorflow_backend
+
+    monkeypatch.setattr(tensorflow_backend, "_GROUP_ROWS", 4)
+    rng = np.random.default_rng(13)
+    shape = (rows, 5)
+    x = (offset + rng.normal(size=shape)).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    gamma = rng.uniform(0.5, 1.5, 5)
+    beta = rng.normal(size=5)
+    layer = keras_bn.BatchNormalization(momentum=0.0)
+    layer.build((None, 5))
+    layer.gamma.assign(gamma.astype("float32"))
+    layer.beta.assign(beta.astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 5), tf.float32)])
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return y, tape.gradient(y, [x, layer.gamma.value, layer.beta.value],
+                                output_gradients=dy)
+
+    y, (dx, dgamma, dbeta) = run(tf.constant(x))
+    _check_ran(spy, None)
+    expected, mu, var = ref.forward_train(x, (1,), gamma, beta, EPS)
+    ref.assert_close(y.numpy(), expected, tol=1e-5, what="outputs")
+    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (1,), gamma,
+                                                       EPS)
+    ref.assert_close(dx.numpy(), dx_ref, tol=1e-5, what="d inputs")
+    ref.assert_close(dgamma.numpy(), dgamma_ref, tol=1e-5, what="d gamma")
+    ref.assert_close(dbeta.numpy(), dbeta_ref, tol=1e-5, what="d beta")
+    mean, variance = _moving(layer)
+    ref.assert_close(mean, mu.ravel(), tol=1e-7, what="moving mean")
+    ref.assert_close(variance, var.ravel(), tol=1e-6, what="moving variance")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="jax.jit")
@@ -439,8 +496,8 @@ def test_torch_channels_last_view_and_autograd(spy, fused):
 def test_default_training_is_exact_on_long_reductions(spy):
     """ReLU-like activations, 57,600 values a channel (a CIFAR conv layer's
     batch of 64): by default training is within 1e-5 of float64 on outputs,
-    gradients and statistics, on the exact fast path (JAX, PyTorch) or the
-    reference path (TensorFlow). The backends' kernels as they are
+    gradients and statistics, on the backend's exact fast path. The
+    backends' kernels as they are
     (fused=True) sum in float32 and land 3e-4 (outputs) to 1e-3 (dx) away on
     TensorFlow and PyTorch CPU."""
     rng = np.random.default_rng(12)
@@ -450,7 +507,7 @@ def test_default_training_is_exact_on_long_reductions(spy):
     layer = keras_bn.BatchNormalization(momentum=0.0)
     layer.build(shape)
     y, dx, grads = _grads(layer, x, dy)
-    assert (("fused_train", True) in spy) == EXACT_TRAINING
+    _check_ran(spy, None)
     ones, zeros = np.ones(8), np.zeros(8)
     expected, mu, var = ref.forward_train(x, (3,), ones, zeros, EPS)
     ref.assert_close(y, expected, tol=1e-5, what="outputs")
