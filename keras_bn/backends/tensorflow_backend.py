@@ -102,6 +102,23 @@ def _fbn(x4, scale, offset, epsilon, data_format):
     )
 
 
+def _scale_offset(gamma, beta, channels):
+    """Float32 scale and offset for the kernels (ones, zeros if None)."""
+    import tensorflow as tf
+
+    ones = tf.ones((channels,), tf.float32)
+    return (ones if gamma is None else tf.cast(gamma, tf.float32),
+            ones * 0.0 if beta is None else tf.cast(beta, tf.float32))
+
+
+def _kernel_m2(variance, n):
+    """Sum of squared deviations from the kernel's `batch_variance` over
+    `n` values: it reports the unbiased variance, with n - 1 floored at 1."""
+    import tensorflow as tf
+
+    return variance * tf.maximum(n - 1.0, 1.0)
+
+
 # The exact path's statistics: FusedBatchNormV3 sums each channel
 # sequentially in float32 (variance 3e-4 off on 131,072 ReLU activations,
 # 2e-6 on 4,096), so longer batches are cut into groups of at most this
@@ -110,44 +127,130 @@ def _fbn(x4, scale, offset, epsilon, data_format):
 _GROUP_ROWS = 4096
 
 
-def _group_moments(x2d, rows_per_group):
-    """Per-channel `(count, shift, delta, m2)` of `[rows, channels]` data.
+def _split_rows(x2d, rows_per_group):
+    """`(head, tail, length)`: `[rows, channels]` data cut into groups.
 
-    Row `l * groups + g` of the leading `rows // groups * groups` rows goes
-    to group `g`: viewed as `[rows // groups, 1, 1, groups * channels]`, one
-    FusedBatchNormV3 call gives every group's statistics over short sums,
-    without a transpose. The few rows left over form one more group.
+    Row `l * groups + g` of the leading `length * groups` rows goes to group
+    `g`, so that `head`, viewed as `[length, groups * channels]`, holds one
+    group per column block without a transpose; the fewer than `groups`
+    rows left over, `tail`, form one more group.
     """
     import tensorflow as tf
-
-    from keras_bn import statistics
 
     channels = x2d.shape[-1]
     rows = tf.shape(x2d, out_type=tf.int64)[0]
     groups = tf.maximum((rows + rows_per_group - 1) // rows_per_group, 1)
     length = rows // groups
-    head = x2d[: length * groups]
-    width = groups * channels
-    ones = tf.ones(tf.reshape(width, [1]), tf.float32)
-    # Only the statistics are used (epsilon only enters the output).
-    out = _fbn(tf.reshape(head, tf.stack([length, 1, 1, width])), ones,
-               ones * 0.0, 1e-3, "NHWC")
+    head = tf.reshape(x2d[: length * groups],
+                      tf.stack([length, groups * channels]))
+    return head, x2d[length * groups:], length
+
+
+def _pool_groups(length, shifts, deltas, m2s, tail):
+    """Chan-pools `[groups, channels]` statistics of `length` rows each
+    (means `shifts + deltas`) with those of `tail`; returns
+    `(count, center, delta, m2)`, the mean being `center + delta`."""
+    import tensorflow as tf
+
+    from keras_bn import statistics
+
     n = tf.cast(length, tf.float32)
-    means = tf.reshape(out.batch_mean, [-1, channels])
-    # The kernel reports the unbiased variance, with n - 1 floored at 1.
-    m2s = tf.reshape(out.batch_variance, [-1, channels]) * tf.maximum(
-        n - 1.0, 1.0)
     count, shift, delta, m2 = statistics.shifted_moments(
-        tf.cast(x2d[length * groups:], tf.float32), (0,))
-    counts = tf.concat([tf.fill(tf.shape(means), n), count], 0)
-    shifts = tf.concat([means, shift], 0)
-    deltas = tf.concat([tf.zeros_like(means), delta], 0)
+        tf.cast(tail, tf.float32), (0,))
+    counts = tf.concat([tf.fill(tf.shape(shifts), n), count], 0)
+    shifts = tf.concat([shifts, shift], 0)
+    deltas = tf.concat([deltas, delta], 0)
     m2s = tf.concat([m2s, m2], 0)
     # Pooled relative to the first group's mean: small, exact offsets.
     center = shifts[0]
     total, delta, m2 = statistics.combine(counts, shifts, deltas, m2s,
                                           shift=center)
     return total, center, delta, m2
+
+
+def _group_moments(x2d, rows_per_group):
+    """Per-channel `(count, center, delta, m2)` of `[rows, channels]` data
+    from one FusedBatchNormV3 call over the groups of `_split_rows`."""
+    import tensorflow as tf
+
+    channels = x2d.shape[-1]
+    head, tail, length = _split_rows(x2d, rows_per_group)
+    width = tf.shape(head, out_type=tf.int64)[1]
+    ones = tf.ones(tf.reshape(width, [1]), tf.float32)
+    # Only the statistics are used (epsilon only enters the output).
+    out = _fbn(tf.reshape(head, tf.stack([length, 1, 1, width])), ones,
+               ones * 0.0, 1e-3, "NHWC")
+    means = tf.reshape(out.batch_mean, [-1, channels])
+    m2s = tf.reshape(
+        _kernel_m2(out.batch_variance, tf.cast(length, tf.float32)),
+        [-1, channels])
+    return _pool_groups(length, means, tf.zeros_like(means), m2s, tail)
+
+
+def _xla_group_sums(x2d, rows_per_group):
+    """Exact per-channel sums of `[rows, channels]` data under XLA.
+
+    The groups' partial sums are pooled with a matmul: XLA merges
+    consecutive reductions into one, whose float32 sum runs sequentially
+    over the whole batch again.
+    """
+    import tensorflow as tf
+
+    channels = x2d.shape[-1]
+    head, tail, _ = _split_rows(x2d, rows_per_group)
+    partial = tf.reshape(tf.reduce_sum(head, 0), [-1, channels])
+    ones = tf.ones(tf.stack([1, tf.shape(partial)[0]]), partial.dtype)
+    return tf.matmul(ones, partial)[0] + tf.reduce_sum(tail, 0)
+
+
+def _xla_train(x, gamma, beta, epsilon):
+    """Channels-last training step under XLA, exact: grouped sums (the
+    corrected two-pass algorithm per group), Chan pooling, and the paper's
+    backward with grouped sums; XLA fuses the elementwise work."""
+    import tensorflow as tf
+
+    channels = x.shape[-1]
+    scale, offset = _scale_offset(gamma, beta, channels)
+
+    @tf.custom_gradient
+    def run(x, scale, offset):
+        xf = tf.reshape(tf.cast(x, tf.float32), (-1, channels))
+        head, tail, length = _split_rows(xf, _GROUP_ROWS)
+        n = tf.cast(length, tf.float32)
+        first = tf.reduce_sum(head, 0) / tf.maximum(n, 1.0)
+        dev = head - first
+        # Deviations from a first mean, corrected by their own mean.
+        s1 = tf.reduce_sum(dev, 0)
+        s2 = tf.reduce_sum(tf.square(dev), 0)
+        delta = s1 / tf.maximum(n, 1.0)
+        m2s = tf.maximum(s2 - s1 * delta, 0.0)
+        # Means kept as first + delta: one float32 would lose the low bits
+        # of a mean far from zero.
+        count, center, delta, m2 = _pool_groups(
+            length, *(tf.reshape(t, (-1, channels)) for t in
+                      (first, delta, m2s)), tail)
+        var = m2 / tf.maximum(count, 1.0)
+        inv = tf.math.rsqrt(var + epsilon)
+        y = ((xf - center) - delta) * (inv * scale) + offset
+
+        def grad(dy, dmean, dvar):
+            # mean and variance only feed the moving averages.
+            del dmean, dvar
+            g = tf.reshape(tf.cast(dy, tf.float32), (-1, channels))
+            xhat = ((xf - center) - delta) * inv
+            sum_dy = _xla_group_sums(g, _GROUP_ROWS)
+            sum_dy_xhat = _xla_group_sums(g * xhat, _GROUP_ROWS)
+            total = tf.maximum(count, 1.0)
+            dx = (scale * inv) * (
+                g - sum_dy / total - xhat * (sum_dy_xhat / total))
+            return (tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype),
+                    sum_dy_xhat, sum_dy)
+
+        y = tf.cast(tf.reshape(y, tf.shape(x)), x.dtype)
+        return (y, center + delta, var), grad
+
+    y, mean, var = run(x, scale, offset)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
 
 def _exact_train(x, gamma, beta, epsilon):
@@ -165,17 +268,13 @@ def _exact_train(x, gamma, beta, epsilon):
 
     channels = x.shape[-1]
     x4 = tf.reshape(x, (-1, 1, 1, channels))
-    ones = tf.ones((channels,), tf.float32)
-    scale = ones if gamma is None else tf.cast(gamma, tf.float32)
-    offset = ones * 0.0 if beta is None else tf.cast(beta, tf.float32)
+    scale, offset = _scale_offset(gamma, beta, channels)
     empty = tf.constant([], tf.float32)
 
     def whole(x4):
         out = _fbn(x4, scale, offset, epsilon, "NHWC")
         n = tf.cast(tf.shape(x4, out_type=tf.int64)[0], tf.float32)
-        # The kernel reports the unbiased variance, with n - 1 floored at 1.
-        var = out.batch_variance * (
-            tf.maximum(n - 1.0, 1.0) / tf.maximum(n, 1.0))
+        var = _kernel_m2(out.batch_variance, n) / tf.maximum(n, 1.0)
         return out.y, out.batch_mean, var
 
     def grouped(x4):
@@ -245,11 +344,12 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     if _declines(x):
         return None
     if exact:
-        # Channels last on CPU, outside XLA (whose batch-norm lowering
-        # forms E[x^2] - E[x]^2; the reference path fuses well there).
-        if (axis != x.shape.rank - 1 or x.shape[axis] is None
-                or _has_gpu() or _in_xla()):
+        # Channels last on CPU. Under XLA, whose lowering of the kernels
+        # forms E[x^2] - E[x]^2, plain ops that XLA fuses.
+        if axis != x.shape.rank - 1 or x.shape[axis] is None or _has_gpu():
             return None
+        if _in_xla():
+            return _xla_train(x, gamma, beta, epsilon)
         return _exact_train(x, gamma, beta, epsilon)
     shaped = _as_4d(x, axis)
     if shaped is None:
@@ -258,9 +358,7 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     bshape = [1, -1, 1, 1] if fmt == "NCHW" else [1, 1, 1, -1]
     dims = [0, 2, 3] if fmt == "NCHW" else [0, 1, 2]
     always_shift = _in_xla()
-    ones = tf.ones((x.shape[axis],), tf.float32)
-    scale = ones if gamma is None else tf.cast(gamma, tf.float32)
-    offset = ones * 0.0 if beta is None else tf.cast(beta, tf.float32)
+    scale, offset = _scale_offset(gamma, beta, x.shape[axis])
 
     def shifted_input(x4, shift):
         # In float32: exact for the values within a factor 2 of the shift,
@@ -322,8 +420,7 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     y, mean, var = run(x4, scale, offset)
     n = tf.cast(tf.size(x4, out_type=tf.int64), tf.float32) / float(
         x.shape[axis])
-    # The kernel reports the unbiased variance, with n - 1 floored at 1.
-    var = var * (tf.maximum(n - 1.0, 1.0) / tf.maximum(n, 1.0))
+    var = _kernel_m2(var, n) / tf.maximum(n, 1.0)
     y = tf.reshape(y, tf.shape(x))
     return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
@@ -337,10 +434,9 @@ def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
     if shaped is None:
         return None
     x4, fmt = shaped
-    ones = tf.ones_like(mean, tf.float32)
+    scale, offset = _scale_offset(gamma, beta, x.shape[axis])
     y = tf.raw_ops.FusedBatchNormV3(
-        x=x4, scale=ones if gamma is None else tf.cast(gamma, tf.float32),
-        offset=ones * 0.0 if beta is None else tf.cast(beta, tf.float32),
+        x=x4, scale=scale, offset=offset,
         mean=tf.cast(mean, tf.float32), variance=tf.cast(variance, tf.float32),
         epsilon=epsilon, data_format=fmt, is_training=False,
     ).y
