@@ -66,6 +66,8 @@ _MAX_MEAN_TO_STD = 8.0
 # so the shifted data has |mean| / std <= 8 whatever the input.
 _SHIFT_FRACTION = 64
 _GROUP = 128
+# Values per chunk of a CPU dx (see _rows_dx): 4 MiB of float32.
+_CHUNK = 1 << 20
 
 
 def _channels_view(x, axis: int):
@@ -142,10 +144,42 @@ def _grouped_moments(rows, groups):
 
     n, c = rows.shape
     blocks = rows.reshape(n // groups, groups * c)
-    mean, var = torch.batch_norm_update_stats(blocks, None, None, 1.0)
+    # Float32 running buffers select ATen's mixed-type kernel, which reads
+    # half-precision rows as they are and returns float32 statistics (its
+    # sums are float32 for every input dtype).
+    running = None
+    if rows.dtype != torch.float32:
+        running = torch.zeros(groups * c, device=rows.device)
+    mean, var = torch.batch_norm_update_stats(
+        blocks, running, None if running is None else running.clone(), 1.0)
     mean, var = mean.reshape(groups, c), var.reshape(groups, c)
     pooled = mean.mean(0)
     return pooled, (var + (mean - pooled) ** 2).mean(0)
+
+
+def _rows_dx(dy, rows, scale, k, const):
+    """`const + scale * dy - k * rows` (n, C) in float32, in `dy`'s dtype.
+
+    On CPU, rows are done in chunks of about _CHUNK values: a float32
+    temporary of a half-precision batch would otherwise be a fresh,
+    page-faulting allocation and a trip through memory; the result is
+    rounded once, as the reference path rounds its float32 gradient.
+    """
+    import torch
+
+    n, c = dy.shape
+    step = n if dy.device.type != "cpu" else max(1, _CHUNK // max(c, 1))
+    dx = torch.empty((n, c), dtype=dy.dtype, device=dy.device)
+    half = dy.dtype != torch.float32
+    buffer = torch.empty((min(step, n), c), device=dy.device) if half else None
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        out = buffer[: dx[part].shape[0]] if half else dx[part]
+        torch.addcmul(const, dy[part], scale, out=out)
+        out.addcmul_(rows[part], k, value=-1.0)
+        if half:
+            dx[part].copy_(out)
+    return dx
 
 
 def _rows_batch_norm():
@@ -153,7 +187,11 @@ def _rows_batch_norm():
     import torch.nn.functional as F
 
     class RowsBatchNorm(torch.autograd.Function):
-        """Batch norm of `rows` (n, C) over n, with short float32 sums."""
+        """Batch norm of `rows` (n, C) over n, with short float32 sums.
+
+        Half-precision rows are read as they are (ATen's mixed-type
+        kernels compute in float32): the output and dx are rounded once.
+        """
 
         @staticmethod
         def forward(ctx, rows, gamma, beta, epsilon, groups):
@@ -187,8 +225,7 @@ def _rows_batch_norm():
             #   - xhat * sum(dy * xhat) / n), written as c + scale*dy - k*x.
             k = scale * inv * inv * sum_dyx / n
             const = k * mean - scale * sum_dy / n
-            dx = torch.addcmul(const, dy, scale)
-            dx.addcmul_(rows, k, value=-1.0)
+            dx = _rows_dx(dy, rows, scale, k, const)
             dgamma = sum_dyx * inv if ctx.needs_input_grad[1] else None
             dbeta = sum_dy if ctx.needs_input_grad[2] else None
             return dx, dgamma, dbeta, None, None
@@ -210,15 +247,15 @@ def _exact_rows_train(rows, gamma, beta, epsilon):
     if not _ROWS_BATCH_NORM:
         _ROWS_BATCH_NORM.append(_rows_batch_norm())
     apply = _ROWS_BATCH_NORM[0].apply
-    # Half precision: computed in float32 and rounded once, as the
-    # reference path does.
-    rows32 = rows.float()
-    y, mean, var = apply(rows32, gamma, beta, epsilon, groups)
+    y, mean, var = apply(rows, gamma, beta, epsilon, groups)
     if bool((mean * mean > _MAX_MEAN_TO_STD**2 * var).any()):
         shift = _leading_mean(rows)
-        y, mean, var = apply(rows32 - shift, gamma, beta, epsilon, groups)
-        mean = mean + shift
-    return y.to(rows.dtype), mean, var
+        # In float32, as the reference path subtracts it (rare: a
+        # half-precision batch then takes a float32 copy).
+        y, mean, var = apply(rows.float() - shift, gamma, beta, epsilon,
+                             groups)
+        y, mean = y.to(rows.dtype), mean + shift
+    return y, mean, var
 
 
 def fused_train(x, gamma, beta, epsilon, axis, exact=True):
