@@ -346,7 +346,9 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     if exact:
         # Channels last on CPU. Under XLA, whose lowering of the kernels
         # forms E[x^2] - E[x]^2, plain ops that XLA fuses.
-        if axis != x.shape.rank - 1 or x.shape[axis] is None or _has_gpu():
+        rank = x.shape.rank
+        if (rank is None or axis != rank - 1 or x.shape[axis] is None
+                or _has_gpu()):
             return None
         if _in_xla():
             return _xla_train(x, gamma, beta, epsilon)
