@@ -127,8 +127,8 @@ def test_half_precision_conv_training_rounds_once(ran, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("center,scale", [(True, True), (False, False)])
 def test_dense_training_matches_float64(ran, dtype, center, scale):
-    # 3,000 rows (groups of 125) of 48 features: dx in 37 chunks of 83 rows
-    # (the last one 12 rows).
+    # 3,000 rows (groups of 125) of 48 features; half precision: dx in 37
+    # chunks of 83 rows (the last one 12 rows).
     rng = np.random.default_rng(21)
     x, dy = _relu_batch(rng, (3000, 48), dtype)
     policy = "float32" if dtype == "float32" else f"mixed_{dtype}"

@@ -94,6 +94,15 @@ def _per_channel(v, view):
     return v.reshape((1, -1) + (1,) * (view.dim() - 2))
 
 
+def _mean_dominates(mean, variance, epsilon: float = 0.0) -> bool:
+    """Whether some channel has |mean| > _MAX_MEAN_TO_STD * sqrt(variance +
+    epsilon); NaN statistics compare False. Three small ops, one sync."""
+    import torch
+
+    margin = torch.addcmul(variance, mean, mean, value=-_MAX_MEAN_TO_STD**-2)
+    return bool((margin < -epsilon).any())
+
+
 def _leading_mean(view):
     """Per-channel mean of the leading 1/64 of `view` (channels on dim 1)."""
     rows = -(-view.shape[0] // _SHIFT_FRACTION)
@@ -119,7 +128,7 @@ def _kernel_train(view, gamma, beta, epsilon, n):
     """ATen's kernel as it is, shifted where |mean| >> std."""
     y, mean, var = _batch_norm_train(view, gamma, beta, epsilon)
     # NaN statistics compare False: they go to the layer's finite guard.
-    if bool((mean * mean > _MAX_MEAN_TO_STD**2 * var).any()):
+    if _mean_dominates(mean, var):
         shift = _leading_mean(view)
         # In float32: exact for the values within a factor 2 of the shift,
         # and rounded to float32 (not to a half-precision input's) else.
@@ -147,11 +156,10 @@ def _grouped_moments(rows, groups):
     # Float32 running buffers select ATen's mixed-type kernel, which reads
     # half-precision rows as they are and returns float32 statistics (its
     # sums are float32 for every input dtype).
-    running = None
+    running = (None, None)
     if rows.dtype != torch.float32:
-        running = torch.zeros(groups * c, device=rows.device)
-    mean, var = torch.batch_norm_update_stats(
-        blocks, running, None if running is None else running.clone(), 1.0)
+        running = torch.zeros(2, groups * c, device=rows.device).unbind()
+    mean, var = torch.batch_norm_update_stats(blocks, *running, 1.0)
     mean, var = mean.reshape(groups, c), var.reshape(groups, c)
     pooled = mean.mean(0)
     return pooled, (var + (mean - pooled) ** 2).mean(0)
@@ -160,25 +168,28 @@ def _grouped_moments(rows, groups):
 def _rows_dx(dy, rows, scale, k, const):
     """`const + scale * dy - k * rows` (n, C) in float32, in `dy`'s dtype.
 
-    On CPU, rows are done in chunks of about _CHUNK values: a float32
-    temporary of a half-precision batch would otherwise be a fresh,
-    page-faulting allocation and a trip through memory; the result is
-    rounded once, as the reference path rounds its float32 gradient.
+    Half precision on CPU goes in chunks of about _CHUNK values through two
+    reused float32 buffers: full-size float32 temporaries would be fresh,
+    page-faulting allocations and extra trips through memory. The result
+    is rounded once, as the reference path rounds its float32 gradient.
     """
     import torch
 
     n, c = dy.shape
+    if dy.dtype == torch.float32:
+        dx = torch.addcmul(const, dy, scale)
+        return dx.addcmul_(rows, k, value=-1.0)
     step = n if dy.device.type != "cpu" else max(1, _CHUNK // max(c, 1))
     dx = torch.empty((n, c), dtype=dy.dtype, device=dy.device)
-    half = dy.dtype != torch.float32
-    buffer = torch.empty((min(step, n), c), device=dy.device) if half else None
+    dy32 = torch.empty((min(step, n), c), device=dy.device)
+    x32 = torch.empty_like(dy32)
     for start in range(0, n, step):
         part = slice(start, start + step)
-        out = buffer[: dx[part].shape[0]] if half else dx[part]
-        torch.addcmul(const, dy[part], scale, out=out)
-        out.addcmul_(rows[part], k, value=-1.0)
-        if half:
-            dx[part].copy_(out)
+        size = dx[part].shape[0]
+        d = dy32[:size].copy_(dy[part])
+        torch.addcmul(const, d, scale, out=d)
+        d.addcmul_(x32[:size].copy_(rows[part]), k, value=-1.0)
+        dx[part].copy_(d)
     return dx
 
 
@@ -215,7 +226,7 @@ def _rows_batch_norm():
                 dy.reshape(n // groups, groups * c),
                 rows.reshape(n // groups, groups * c),
                 None, None, None, mean.repeat(groups),
-                torch.ones_like(inv).repeat(groups), True, 0.0,
+                inv.new_ones(groups * c), True, 0.0,
                 [False, True, True],
             )
             sum_dyx = sum_dyx.reshape(groups, c).sum(0)
@@ -248,7 +259,7 @@ def _exact_rows_train(rows, gamma, beta, epsilon):
         _ROWS_BATCH_NORM.append(_rows_batch_norm())
     apply = _ROWS_BATCH_NORM[0].apply
     y, mean, var = apply(rows, gamma, beta, epsilon, groups)
-    if bool((mean * mean > _MAX_MEAN_TO_STD**2 * var).any()):
+    if _mean_dominates(mean, var):
         shift = _leading_mean(rows)
         # In float32, as the reference path subtracts it (rare: a
         # half-precision batch then takes a float32 copy).
@@ -280,15 +291,13 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
 
 
 def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
-    import torch
     import torch.nn.functional as F
 
     if not x.dtype.is_floating_point or x.dim() < 2:
         return None
     # ATen computes x * a + (beta - mean * a): where |mean| / std is large
     # the two terms cancel and lose the output's low bits, so decline.
-    std = torch.sqrt(variance + epsilon)
-    if bool((mean.abs() > _MAX_MEAN_TO_STD * std).any()):
+    if _mean_dominates(mean, variance, epsilon):
         return None
     view, restore = _channels_view(x, axis)
     y = F.batch_norm(view, mean, variance, gamma, beta, False, 0.0, epsilon)
