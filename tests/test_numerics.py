@@ -395,3 +395,49 @@ def test_float64_layer_keeps_float64_statistics():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok float64" in proc.stdout
+
+
+def _compiled_masked_call(layer, x, mask):
+    """Training call under the backend's compiler (XLA on TF and JAX)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x, m: layer(x, training=True, mask=m),
+                           jit_compile=True)(tf.constant(x), tf.constant(mask))
+    if backend == "jax":
+        import jax
+
+        def run(trainable, non_trainable, x, m):
+            return layer.stateless_call(trainable, non_trainable, x,
+                                        training=True, mask=m)
+
+        y, updated = jax.jit(run)(
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables], x, mask)
+        for v, value in zip(layer.non_trainable_variables, updated):
+            v.assign(value)
+        return y
+    return layer(x, training=True, mask=mask)
+
+
+def test_masked_long_reduction_is_exact_under_compilation():
+    """57,600 ReLU-like values a channel through the reference path (a
+    mask): TensorFlow's XLA merges chained reductions into one float32 sum
+    that lands 3e-4 from float64, unless the partial sums are pooled apart."""
+    rng = np.random.default_rng(13)
+    shape = (64, 30, 30, 8)
+    x = np.maximum(rng.normal(0.1, 0.3, size=shape), 0.0).astype("float32")
+    mask = rng.uniform(size=shape[:-1]) < 0.9
+    layer = keras_bn.BatchNormalization(momentum=0.0)
+    layer.build(shape)
+    y = keras.ops.convert_to_numpy(
+        _compiled_masked_call(layer, x, mask.astype("float32")))
+    w = mask[..., None].astype(np.float64)
+    expected, mu, var = ref.forward_train(x, (3,), np.ones(8), np.zeros(8),
+                                          EPS, w=w)
+    ref.assert_close(y * w, expected * w, tol=1e-5, what="outputs")
+    ref.assert_close(keras.ops.convert_to_numpy(layer.moving_mean),
+                     mu.ravel(), tol=1e-6, what="moving mean")
+    ref.assert_close(keras.ops.convert_to_numpy(layer.moving_variance),
+                     var.ravel(), tol=1e-6, what="moving variance")
