@@ -153,8 +153,10 @@ class BatchNormalization(keras.layers.Layer):
         fused: `None` (default) uses a backend fast path wherever it is as
             exact as the `keras.ops` reference path: the backends' kernels
             in inference; in training, XLA-fused statistics with a custom
-            gradient (JAX) and ATen's kernels fed short groups of values
-            (PyTorch). `True` also trains with the backend's kernel as it
+            gradient (JAX, and TensorFlow under XLA), and the backends'
+            kernels fed groups short enough for exact float32 sums
+            (TensorFlow on CPU, channels last; PyTorch, channels last).
+            `True` also trains with the backend's kernel as it
             is (TF's FusedBatchNormV3, ATen's batch norm): faster, but its
             float32 sums drift about 3e-4 from float64 on long reductions
             on CPU. `False` always uses the reference path.
