@@ -184,8 +184,7 @@ def _rows_dx(dy, rows, scale, k, const):
     dy32 = torch.empty((min(step, n), c), device=dy.device)
     x32 = torch.empty_like(dy32)
     for start in range(0, n, step):
-        part = slice(start, start + step)
-        size = dx[part].shape[0]
+        part, size = slice(start, start + step), min(step, n - start)
         d = dy32[:size].copy_(dy[part])
         torch.addcmul(const, d, scale, out=d)
         d.addcmul_(x32[:size].copy_(rows[part]), k, value=-1.0)
