@@ -465,9 +465,7 @@ class BatchNormalization(keras.layers.Layer):
         if fused is None:
             return None
         outputs, mean, variance = fused
-        count = ops.ones_like(mean) * ops.cast(
-            statistics.count_values(x, self._reduction_axes), mean.dtype
-        )
+        count = statistics.count_values(x, self._reduction_axes)
         self._update_moving(count, mean, variance)
         return outputs
 
@@ -600,7 +598,16 @@ class BatchNormalization(keras.layers.Layer):
 
     def _update_moving(self, count, mean, variance):
         """Moves the moving statistics towards the batch's, per channel,
-        skipping channels whose statistics are not finite."""
+        skipping channels whose statistics are not finite.
+
+        `count` may be a scalar; the others are per channel, in any shape
+        that holds the variables' values (they are reshaped once here).
+        """
+        shape = tuple(self.moving_mean.shape)
+        count, mean, variance = (
+            t if tuple(t.shape) in (shape, ()) else ops.reshape(t, shape)
+            for t in (count, mean, variance)
+        )
         ok = None
         if self.skip_nonfinite_updates:
             ok = statistics.finite(count, mean, variance)
@@ -611,12 +618,19 @@ class BatchNormalization(keras.layers.Layer):
             self._assign_ema(self.moving_variance, variance, self.momentum, ok)
 
     def _assign_ema(self, variable, value, momentum, ok):
-        old = ops.cast(variable, value.dtype)
-        value = ops.reshape(value, ops.shape(old))
-        new = old * momentum + value * (1.0 - momentum)
+        """`variable = variable * momentum + value * (1 - momentum)` where
+        `ok` holds (everywhere if None), `value` in the variable's shape;
+        returns the new value in `value`'s dtype. Casts only where dtypes
+        differ: on eager backends every op is a dispatch of its own."""
+        old = variable.value
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        same = keras.backend.standardize_dtype(old.dtype) == dtype
+        if not same:
+            old = ops.cast(old, dtype)
+        new = ops.stop_gradient(old * momentum + value * (1.0 - momentum))
         if ok is not None:
-            new = ops.where(ops.reshape(ok, ops.shape(old)), new, old)
-        variable.assign(ops.cast(ops.stop_gradient(new), variable.dtype))
+            new = ops.where(ok, new, old)
+        variable.assign(new if same else ops.cast(new, variable.dtype))
         return new
 
     def _renorm_correction(self, mean, variance):
