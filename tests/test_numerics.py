@@ -280,6 +280,24 @@ def test_nonfinite_batches_leave_moving_stats(bad):
         assert mv[c] == pytest.approx(0.5 * (4.0 + c) + 0.5 * x[:, c].var(), rel=1e-5)
 
 
+@pytest.mark.parametrize("policy, dtype", [
+    ("float32", "float64"),         # float64 statistics into float32 weights
+    ("mixed_bfloat16", "bfloat16"),  # half-precision batch, float32 weights
+    ("float32", "float32"),
+])
+def test_moving_update_by_hand(policy, dtype):
+    """The articles' worked example X = {1, ..., 5}: mean 3, biased variance
+    2, so with momentum 0.9 the moving mean is 0.9 * 0 + 0.1 * 3 and the
+    moving variance 0.9 * 1 + 0.1 * 2, kept in the weights' float32."""
+    x = np.arange(1.0, 6.0).reshape(5, 1)
+    layer = keras_bn.BatchNormalization(momentum=0.9, dtype=policy)
+    layer(keras.ops.cast(x, dtype), training=True)
+    for var, expected in ((layer.moving_mean, 0.3), (layer.moving_variance, 1.1)):
+        assert keras.backend.standardize_dtype(var.dtype) == "float32"
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(var), [expected],
+                                   rtol=1e-6)
+
+
 def test_nonfinite_guard_can_be_disabled():
     x = np.ones((4, 2), "float32")
     x[0, 0] = np.nan
