@@ -238,6 +238,38 @@ def test_large_moving_mean_inference_is_exact():
     ref.assert_close(y, expected, tol=1e-6, what="outputs")
 
 
+def test_inference_follows_moving_statistics_as_they_change():
+    # The same layer and input, inferred after each change of its moving
+    # statistics (assign, then a training step): every output must use the
+    # statistics of that moment, also where a backend remembers whether
+    # they are far from zero (PyTorch, to spare a host sync per call).
+    rng = np.random.default_rng(12)
+    x = (1e4 + rng.normal(size=(32, 2, 2, 4))).astype("float32")
+    ones, zeros = np.ones(4), np.zeros(4)
+    layer = keras_bn.BatchNormalization(momentum=0.5)
+    layer.build(x.shape)
+
+    def check(mean, variance, what):
+        y = _numpy(layer(x, training=False))
+        expected = ref.forward_infer(x, (3,), ones, zeros, mean, variance,
+                                     EPS)
+        ref.assert_close(y, expected, tol=1e-6, what=what)
+
+    check(zeros, ones, "initial statistics")
+    layer.moving_mean.assign(np.full(4, 1e4, "float32"))
+    check(np.full(4, 1e4), ones, "after assigning a large mean")
+    layer.moving_variance.assign(np.full(4, 4.0, "float32"))
+    check(np.full(4, 1e4), np.full(4, 4.0), "after assigning a variance")
+    layer(x, training=True)
+    _, mu, var = ref.batch_stats(x, (3,))
+    mean, variance = _moving(layer)
+    # The float32 weights hold the update to their rounding (1e-3 at 1e4);
+    # inference must then use exactly what they hold.
+    np.testing.assert_allclose(mean, 0.5 * 1e4 + 0.5 * mu.ravel(), rtol=1e-7)
+    np.testing.assert_allclose(variance, 2.0 + 0.5 * var.ravel(), rtol=1e-5)
+    check(mean, variance, "after a training step")
+
+
 @BOTH_PATHS
 def test_large_mean_gradients_match_reference_path(spy, fused):
     rng = np.random.default_rng(3)

@@ -1,5 +1,7 @@
 """torch specifics: cross-replica statistics and fused kernels."""
 
+import weakref
+
 
 def num_replicas() -> int:
     import torch.distributed as dist
@@ -101,6 +103,35 @@ def _mean_dominates(mean, variance, epsilon: float = 0.0) -> bool:
 
     margin = torch.addcmul(variance, mean, mean, value=-_MAX_MEAN_TO_STD**-2)
     return bool((margin < -epsilon).any())
+
+
+# id(moving mean) -> (its weakref, version, variance weakref, version,
+# epsilon, _mean_dominates): the moving statistics change only in place (a
+# training step's assign bumps torch's version counter), so inference checks
+# them once per change instead of with a host sync on every call.
+_CHECKED = {}
+
+
+def _moving_mean_dominates(mean, variance, epsilon: float) -> bool:
+    """`_mean_dominates` of moving statistics, remembered while unchanged."""
+    import torch
+
+    try:
+        versions = (mean._version, variance._version)
+    except RuntimeError:  # inference-mode tensors keep no version
+        versions = None
+    if versions is None or torch.compiler.is_compiling():
+        return _mean_dominates(mean, variance, epsilon)
+    entry = _CHECKED.get(id(mean))
+    if (entry is not None and entry[0]() is mean and entry[2]() is variance
+            and (entry[1], entry[3], entry[4]) == (*versions, epsilon)):
+        return entry[5]
+    result = _mean_dominates(mean, variance, epsilon)
+    key = id(mean)
+    _CHECKED[key] = (weakref.ref(mean, lambda _: _CHECKED.pop(key, None)),
+                     versions[0], weakref.ref(variance), versions[1],
+                     epsilon, result)
+    return result
 
 
 def _leading_mean(view):
@@ -296,7 +327,7 @@ def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
         return None
     # ATen computes x * a + (beta - mean * a): where |mean| / std is large
     # the two terms cancel and lose the output's low bits, so decline.
-    if _mean_dominates(mean, variance, epsilon):
+    if _moving_mean_dominates(mean, variance, epsilon):
         return None
     view, restore = _channels_view(x, axis)
     y = F.batch_norm(view, mean, variance, gamma, beta, False, 0.0, epsilon)
