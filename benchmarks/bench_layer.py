@@ -12,6 +12,9 @@ inference forward of
 - `keras`: `keras.layers.BatchNormalization()`,
 - `native`: the backend's own kernel (`tf.compat.v1.nn.fused_batch_norm`,
   `torch.nn.functional.batch_norm` on a channels_last view; JAX has none),
+- `native_layer`: that kernel called from a minimal Keras layer: what any
+  Keras layer pays on top of its kernel (eager PyTorch runs
+  `Layer.__call__` on every call; graphs and jit compile it away),
 - `copy`: `x * s` for a runtime scalar `s` (one read and one write of the
   tensor), a memory-bandwidth floor,
 
@@ -29,12 +32,22 @@ comparison is conservative for keras_bn. Timings are medians of `--repeats`
 runs after `--warmup` runs; the candidates run round-robin so that load
 changes on a shared machine hit them alike.
 
+With `--steady-malloc` the children run with glibc's allocator told to
+keep freed memory (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`),
+as a caching allocator (CUDA's, jemalloc, tcmalloc) does. By default
+glibc maps every block over its dynamic threshold (at most 32 MiB) afresh
+and gives it back when freed: every candidate then pays the page faults of
+its fresh outputs, ~0.5 ms a MiB in this VM, which swamps the kernels and
+changes from run to run with the allocator's state. Results go to
+`bench_layer_<backend>_steady_malloc.json`.
+
 Rerun (writes benchmarks/results/bench_layer_<backend>.json and
 benchmarks/results/bench_layer.md):
 
     nice python benchmarks/bench_layer.py                 # all backends
     nice python benchmarks/bench_layer.py --backends torch --repeats 20
     nice python benchmarks/bench_layer.py --tf-xla        # TensorFlow + XLA
+    nice python benchmarks/bench_layer.py --steady-malloc # caching allocator
     python benchmarks/bench_layer.py --render            # tables only
 """
 
@@ -52,11 +65,15 @@ import common  # noqa: E402
 SHAPES = ((128, 32, 32, 64), (32, 56, 56, 256), (1024, 4096))
 DTYPES = ("float32", "bfloat16")
 CASES = ("keras_bn", "keras_bn_fused", "keras_bn_ref", "keras", "native",
-         "copy")
+         "native_layer", "copy")
 LAYERS = CASES[:4]
 # keras_bn's `fused` argument per case.
 FUSED = {"keras_bn": None, "keras_bn_fused": True, "keras_bn_ref": False}
 EPSILON = 1e-3
+# glibc tunables for --steady-malloc: serve every block below 1 GiB from the
+# heap and never trim it, so freed memory is reused without page faults.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                 "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 # Targets of the issue, per backend: the training step against the native
 # kernel (or Keras's layer on JAX), inference against the faster of the two.
 TRAIN_TARGET = {"tensorflow": ("native", 1.15), "torch": ("native", 1.15),
@@ -90,6 +107,31 @@ class _Backend:
             epsilon=EPSILON, dtype=policy,
             fused=FUSED[case])
 
+    def native_steps(self, x, dy):
+        """`{"native": steps, "native_layer": steps}`, or {} without one."""
+        made = self.native_forward(x)
+        if made is None:
+            return {}
+        forward, params = made
+        steps = {"native": self.forward_steps(forward, x, dy, params)}
+
+        class KernelLayer(self.keras.layers.Layer):
+            def call(self, x, training=False):
+                return forward(x, training)
+
+        # The candidates' policy: a float32 one would cast bfloat16 inputs.
+        bf16 = self.keras.backend.standardize_dtype(x.dtype) == "bfloat16"
+        wrapped = KernelLayer(dtype="mixed_bfloat16" if bf16 else "float32")
+        steps["native_layer"] = self.forward_steps(
+            lambda x, training: wrapped(x, training=training), x, dy, params)
+        return steps
+
+    def layer_steps(self, layer, x, dy):
+        layer.build(tuple(x.shape))
+        return self.forward_steps(
+            lambda x, training: layer(x, training=training), x, dy,
+            [w.value for w in layer.trainable_weights])
+
 
 class _TensorFlow(_Backend):
     def __init__(self, jit_compile=False):
@@ -119,14 +161,12 @@ class _TensorFlow(_Backend):
 
         return lambda: self.sync(train(x, dy))
 
-    def layer_steps(self, layer, x, dy):
-        layer.build(x.shape)
-        infer = self.function(lambda x: layer(x, training=False))
-        train = self._grad_step(lambda x: layer(x, training=True), x, dy,
-                                [w.value for w in layer.trainable_weights])
+    def forward_steps(self, forward, x, dy, variables):
+        infer = self.function(lambda x: forward(x, False))
+        train = self._grad_step(lambda x: forward(x, True), x, dy, variables)
         return train, lambda: self.sync(infer(x))
 
-    def native_steps(self, x, dy):
+    def native_forward(self, x):
         tf = self.tf
         c = x.shape[-1]
         gamma, beta = tf.Variable(tf.ones(c)), tf.Variable(tf.zeros(c))
@@ -141,10 +181,7 @@ class _TensorFlow(_Backend):
                 is_training=training)[0]
             return tf.reshape(y, tf.shape(x))
 
-        infer = self.function(lambda x: forward(x, False))
-        train = self._grad_step(lambda x: forward(x, True), x, dy,
-                                [gamma, beta])
-        return train, lambda: self.sync(infer(x))
+        return forward, [gamma, beta]
 
     def copy_step(self, x):
         fn = self.function(lambda x: x * self.tf.cast(self.scalar, x.dtype))
@@ -193,19 +230,16 @@ class _Torch(_Backend):
 
         return train
 
-    def layer_steps(self, layer, x, dy):
-        layer.build(tuple(x.shape))
-        params = [w.value for w in layer.trainable_weights]
-        train = self._grad_step(lambda x: layer(x, training=True), x, dy,
-                                params)
+    def forward_steps(self, forward, x, dy, params):
+        train = self._grad_step(lambda x: forward(x, True), x, dy, params)
 
         def infer():
             with self.torch.no_grad():
-                return self.sync(layer(x, training=False))
+                return self.sync(forward(x, False))
 
         return train, infer
 
-    def native_steps(self, x, dy):
+    def native_forward(self, x):
         torch = self.torch
         functional = torch.nn.functional
         c = x.shape[-1]
@@ -214,21 +248,18 @@ class _Torch(_Backend):
         beta = torch.zeros(c, requires_grad=True, **kw)
         mean, var = torch.zeros(c, **kw), torch.ones(c, **kw)
         # NHWC storage seen as NCHW in channels_last format: no copy.
-        nchw = (lambda t: t) if x.dim() == 2 else (
-            lambda t: t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)))
+        perm = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        inverse = (0, *range(2, x.dim()), 1)
 
         def forward(x, training):
-            return functional.batch_norm(nchw(x), mean, var, gamma, beta,
-                                         training, 0.01, EPSILON)
+            if x.dim() == 2:
+                return functional.batch_norm(x, mean, var, gamma, beta,
+                                             training, 0.01, EPSILON)
+            return functional.batch_norm(
+                x.permute(perm), mean, var, gamma, beta, training, 0.01,
+                EPSILON).permute(inverse)
 
-        train = self._grad_step(lambda x: forward(x, True), x, nchw(dy),
-                                [gamma, beta])
-
-        def infer():
-            with torch.no_grad():
-                return self.sync(forward(x, False))
-
-        return train, infer
+        return forward, [gamma, beta]
 
     def copy_step(self, x):
         s = self.torch.tensor(1.0, dtype=x.dtype, device=x.device)
@@ -300,7 +331,7 @@ class _Jax(_Backend):
         return (lambda: self.jax.block_until_ready(train(tv, ntv, x, dy)),
                 lambda: self.jax.block_until_ready(infer(tv, ntv, x)))
 
-    def native_steps(self, x, dy):
+    def native_forward(self, x):
         return None  # XLA has no batch norm kernel of its own to call.
 
     def copy_step(self, x):
@@ -343,9 +374,7 @@ def _steps(bk, shape, dtype):
     steps = {}
     for case in LAYERS:
         steps[case] = bk.layer_steps(bk.layer(case, dtype), x, dy)
-    native = bk.native_steps(x, dy)
-    if native is not None:
-        steps["native"] = native
+    steps.update(bk.native_steps(x, dy))
     copy = bk.copy_step(x)
     steps["copy"] = (copy, copy)
     return steps
@@ -382,7 +411,7 @@ def child_memory(backend, args):
                 else:
                     peaks[case] = bk.peak_memory(
                         bk.layer_steps(layer, x, dy)[0])
-            native = bk.native_steps(x, dy) if backend != "jax" else None
+            native = bk.native_steps(x, dy).get("native")
             if native is not None:
                 peaks["native"] = bk.peak_memory(native[0])
             rows.append({"shape": list(shape), "dtype": dtype,
@@ -450,11 +479,19 @@ def render(results_dir: Path) -> str:
              "(`keras_bn/native` for TensorFlow and PyTorch training, "
              "`keras_bn/keras` for JAX, the faster of the two for "
              "inference); ratio of min = the same with each candidate's "
-             "fastest run, less sensitive to other processes' load. Peak "
-             "MiB: one training step. Regenerate with "
-             "`nice python benchmarks/bench_layer.py`.", ""]
+             "fastest run, less sensitive to other processes' load. Native "
+             "in a Keras layer: the native kernel called from a minimal "
+             "Keras layer, the floor for any Keras layer (eager PyTorch "
+             "runs `Layer.__call__` on every call). Peak MiB: one training "
+             "step. `--steady-malloc` sections: glibc's allocator keeps "
+             "freed memory, as a caching allocator does; without it every "
+             "candidate pays the page faults of fresh outputs. Regenerate "
+             "with `nice python benchmarks/bench_layer.py` (see its "
+             "docstring for the variants).", ""]
     runs = [(b, b, b) for b in common.BACKENDS]
     runs.insert(1, ("tensorflow", "tensorflow_xla", "tensorflow (XLA)"))
+    runs += [(b, f"{b}_steady_malloc", f"{b} (--steady-malloc)")
+             for b in common.BACKENDS]
     for backend, name, title in runs:
         path = results_dir / f"bench_layer_{name}.json"
         if not path.exists():
@@ -466,8 +503,9 @@ def render(results_dir: Path) -> str:
                   f"keras {m.get('keras')}, {backend} {m.get(backend)}, "
                   f"{m['date']}, median of {result['repeats']}.", ""]
         header = ["shape", "dtype", "mode", "keras_bn", "keras_bn fused=True",
-                  "keras_bn fused=False", "keras", "native", "copy", "ratio",
-                  "ratio of min", "target",
+                  "keras_bn fused=False", "keras", "native",
+                  "native in a Keras layer", "copy", "ratio",
+                  "ratio of min", "target", "ratio vs native in a Keras layer",
                   "peak MiB keras_bn / keras / native"]
         rows = []
         for row in result["rows"]:
@@ -480,6 +518,7 @@ def render(results_dir: Path) -> str:
                 f"{common.fmt(tgt['ratio'], '.2f')} vs {tgt['against']}",
                 common.fmt(tgt.get("ratio_of_min"), ".2f"),
                 f"<= {tgt['limit']}: {'met' if tgt['met'] else 'NOT met'}",
+                common.fmt(row["ratios"].get("keras_bn/native_layer"), ".2f"),
                 " / ".join(common.fmt(peaks[k] / 2**20 if peaks.get(k)
                                       else None, ".0f")
                            for k in ("keras_bn", "keras", "native"))
@@ -503,6 +542,9 @@ def main(argv=None):
     parser.add_argument("--tf-xla", action="store_true",
                         help="TensorFlow only: jit_compile=True for every "
                         "candidate (results in bench_layer_tensorflow_xla)")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="children keep freed memory (glibc tunables); "
+                        "results in bench_layer_<backend>_steady_malloc")
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -527,7 +569,9 @@ def main(argv=None):
         if args.tf_xla:
             backends = [b for b in backends if b == "tensorflow"]
             passthrough.append("--tf-xla")
-        timings = common.run_children(__file__, backends, passthrough)
+        malloc = STEADY_MALLOC if args.steady_malloc else {}
+        timings = common.run_children(__file__, backends, passthrough,
+                                      {b: malloc for b in backends})
         memory = {} if args.no_memory else common.run_children(
             __file__, backends, passthrough + ["--memory-only"],
             # The CPU allocator keeps statistics only in BFC mode.
@@ -535,8 +579,10 @@ def main(argv=None):
         for backend, result in timings.items():
             if backend in memory:
                 result["memory"] = memory[backend]
+            result["malloc"] = malloc
             summarize(backend, result)
-            name = backend + ("_xla" if args.tf_xla else "")
+            name = (backend + ("_xla" if args.tf_xla else "")
+                    + ("_steady_malloc" if args.steady_malloc else ""))
             common.write_results("bench_layer", name, result, args.out)
     text = render(args.out)
     (args.out / "bench_layer.md").write_text(text + "\n")
