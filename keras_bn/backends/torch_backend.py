@@ -199,8 +199,9 @@ def _grouped_moments(rows, groups):
 def _rows_dx(dy, rows, scale, k, const):
     """`const + scale * dy - k * rows` (n, C) in float32, in `dy`'s dtype.
 
-    Half precision on CPU goes in chunks of about _CHUNK values through two
-    reused float32 buffers: full-size float32 temporaries would be fresh,
+    Half precision on CPU goes in chunks of about _CHUNK values through one
+    reused float32 buffer (ATen's mixed-type kernels read the half-precision
+    operands as they are): full-size float32 temporaries would be fresh,
     page-faulting allocations and extra trips through memory. The result
     is rounded once, as the reference path rounds its float32 gradient.
     """
@@ -212,14 +213,11 @@ def _rows_dx(dy, rows, scale, k, const):
         return dx.addcmul_(rows, k, value=-1.0)
     step = n if dy.device.type != "cpu" else max(1, _CHUNK // max(c, 1))
     dx = torch.empty((n, c), dtype=dy.dtype, device=dy.device)
-    dy32 = torch.empty((min(step, n), c), device=dy.device)
-    x32 = torch.empty_like(dy32)
+    buffer = torch.empty((min(step, n), c), device=dy.device)
     for start in range(0, n, step):
-        part, size = slice(start, start + step), min(step, n - start)
-        d = dy32[:size].copy_(dy[part])
-        torch.addcmul(const, d, scale, out=d)
-        d.addcmul_(x32[:size].copy_(rows[part]), k, value=-1.0)
-        dx[part].copy_(d)
+        part, d = slice(start, start + step), buffer[:min(step, n - start)]
+        torch.addcmul(const, dy[part], scale, out=d)
+        dx[part].copy_(d.addcmul_(rows[part], k, value=-1.0))
     return dx
 
 
