@@ -199,25 +199,28 @@ def _grouped_moments(rows, groups):
 def _rows_dx(dy, rows, scale, k, const):
     """`const + scale * dy - k * rows` (n, C) in float32, in `dy`'s dtype.
 
-    Half precision on CPU goes in chunks of about _CHUNK values through one
-    reused float32 buffer (ATen's mixed-type kernels read the half-precision
-    operands as they are): full-size float32 temporaries would be fresh,
-    page-faulting allocations and extra trips through memory. The result
-    is rounded once, as the reference path rounds its float32 gradient.
+    On CPU in chunks of about _CHUNK values, so that the second pass reads
+    the first one's result from cache; half precision goes through one
+    reused float32 buffer (ATen's mixed-type kernels read the operands as
+    they are) and is rounded once, as the reference path rounds its float32
+    gradient. Full-size float32 temporaries would be fresh, page-faulting
+    allocations and extra trips through memory.
     """
     import torch
 
     n, c = dy.shape
-    if dy.dtype == torch.float32:
-        dx = torch.addcmul(const, dy, scale)
-        return dx.addcmul_(rows, k, value=-1.0)
     step = n if dy.device.type != "cpu" else max(1, _CHUNK // max(c, 1))
     dx = torch.empty((n, c), dtype=dy.dtype, device=dy.device)
-    buffer = torch.empty((min(step, n), c), device=dy.device)
+    buffer = None
+    if dy.dtype != torch.float32:
+        buffer = torch.empty((min(step, n), c), device=dy.device)
     for start in range(0, n, step):
-        part, d = slice(start, start + step), buffer[:min(step, n - start)]
+        part = slice(start, start + step)
+        d = dx[part] if buffer is None else buffer[:min(step, n - start)]
         torch.addcmul(const, dy[part], scale, out=d)
-        dx[part].copy_(d.addcmul_(rows[part], k, value=-1.0))
+        d.addcmul_(rows[part], k, value=-1.0)
+        if buffer is not None:
+            dx[part].copy_(d)
     return dx
 
 
