@@ -201,10 +201,10 @@ def _rows_dx(dy, rows, scale, k, const):
 
     On CPU in chunks of about _CHUNK values, so that the second pass reads
     the first one's result from cache; half precision goes through one
-    reused float32 buffer (ATen's mixed-type kernels read the operands as
-    they are) and is rounded once, as the reference path rounds its float32
-    gradient. Full-size float32 temporaries would be fresh, page-faulting
-    allocations and extra trips through memory.
+    reused float32 buffer (addcmul converts each half-precision chunk to
+    float32 on its way in) and is rounded once, as the reference path
+    rounds its float32 gradient. Full-size float32 temporaries would be
+    fresh, page-faulting allocations and extra trips through memory.
     """
     import torch
 
