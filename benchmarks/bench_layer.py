@@ -33,12 +33,9 @@ runs after `--warmup` runs; the candidates run round-robin so that load
 changes on a shared machine hit them alike.
 
 With `--steady-malloc` the children run with glibc's allocator told to
-keep freed memory (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`),
-as a caching allocator (CUDA's, jemalloc, tcmalloc) does. By default
-glibc maps every block over its dynamic threshold (at most 32 MiB) afresh
-and gives it back when freed: every candidate then pays the page faults of
-its fresh outputs, ~0.5 ms a MiB in this VM, which swamps the kernels and
-changes from run to run with the allocator's state. Results go to
+keep freed memory (`common.STEADY_MALLOC`), as a caching allocator does;
+by default every candidate pays the page faults of its fresh outputs, which
+swamp the kernels and change from run to run. Results go to
 `bench_layer_<backend>_steady_malloc.json`.
 
 Rerun (writes benchmarks/results/bench_layer_<backend>.json and
@@ -70,10 +67,6 @@ LAYERS = CASES[:4]
 # keras_bn's `fused` argument per case.
 FUSED = {"keras_bn": None, "keras_bn_fused": True, "keras_bn_ref": False}
 EPSILON = 1e-3
-# glibc tunables for --steady-malloc: serve every block below 1 GiB from the
-# heap and never trim it, so freed memory is reused without page faults.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-                 "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 # Targets of the issue, per backend: the training step against the native
 # kernel (or Keras's layer on JAX), inference against the faster of the two.
 TRAIN_TARGET = {"tensorflow": ("native", 1.15), "torch": ("native", 1.15),
@@ -542,9 +535,7 @@ def main(argv=None):
     parser.add_argument("--tf-xla", action="store_true",
                         help="TensorFlow only: jit_compile=True for every "
                         "candidate (results in bench_layer_tensorflow_xla)")
-    parser.add_argument("--steady-malloc", action="store_true",
-                        help="children keep freed memory (glibc tunables); "
-                        "results in bench_layer_<backend>_steady_malloc")
+    common.add_steady_malloc_option(parser)
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -569,7 +560,7 @@ def main(argv=None):
         if args.tf_xla:
             backends = [b for b in backends if b == "tensorflow"]
             passthrough.append("--tf-xla")
-        malloc = STEADY_MALLOC if args.steady_malloc else {}
+        malloc = common.STEADY_MALLOC if args.steady_malloc else {}
         timings = common.run_children(__file__, backends, passthrough,
                                       {b: malloc for b in backends})
         memory = {} if args.no_memory else common.run_children(

@@ -15,10 +15,15 @@ only with a GPU; eager on PyTorch) on synthetic data (speed does not depend on t
 batches after a warm-up epoch that compiles; the variants run round-robin in
 a random order each round and the median of `--repeats` rounds is reported.
 
+With `--steady-malloc` the children keep freed memory (glibc tunables,
+`common.STEADY_MALLOC`), as a caching allocator does; PyTorch's CPU steps
+otherwise pay page faults on fresh activations and gradients.
+
 Rerun (writes benchmarks/results/bench_models_<backend>.json and
 benchmarks/results/bench_models.md):
 
     nice python benchmarks/bench_models.py
+    nice python benchmarks/bench_models.py --backends torch --steady-malloc
     nice python benchmarks/bench_models.py --backends tensorflow --jit-compile false
     python benchmarks/bench_models.py --render
 """
@@ -118,7 +123,7 @@ def render(results_dir: Path) -> str:
              "to other processes' load). Target: BN tax of the CIFAR-10 "
              "model <= 15% with keras_bn. Regenerate with "
              "`nice python benchmarks/bench_models.py`.", ""]
-    header = ["backend", "jit_compile", "model", "batch x steps",
+    header = ["backend", "jit_compile", "malloc", "model", "batch x steps",
               "keras_bn /s", "keras_bn fused=True /s", "keras /s", "no BN /s",
               "BN tax keras_bn", "BN tax fused=True", "BN tax keras",
               "target"]
@@ -140,7 +145,9 @@ def render(results_dir: Path) -> str:
                     f"<= {limit:.0%}: "
                     + ("met" if tax["keras_bn"] <= limit else "NOT met"))
                 rows.append([
-                    backend, result["jit_compile"], row["model"],
+                    backend, result["jit_compile"],
+                    "steady" if result.get("malloc") else "default",
+                    row["model"],
                     f"{row['batch_size']} x {row['steps']}",
                     *(f"{thr[v]:.0f}" if v in thr else "-" for v in VARIANTS),
                     *(f"{tax[v]:.1%}" + (f" ({tax_min[v]:.1%})"
@@ -162,6 +169,7 @@ def main(argv=None):
     parser.add_argument("--jit-compile", default="auto",
                         choices=("auto", "true", "false"))
     parser.add_argument("--out", type=Path, default=common.RESULTS)
+    common.add_steady_malloc_option(parser)
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -174,13 +182,17 @@ def main(argv=None):
         return
     if not args.render:
         backends = [b for b in args.backends.split(",") if b]
+        malloc = common.STEADY_MALLOC if args.steady_malloc else {}
         results = common.run_children(
             __file__, backends,
             ["--models", ",".join(args.models), "--repeats", str(args.repeats),
-             "--steps", str(args.steps), "--jit-compile", args.jit_compile])
+             "--steps", str(args.steps), "--jit-compile", args.jit_compile],
+            {b: malloc for b in backends})
         for backend, result in results.items():
-            suffix = "" if args.jit_compile == "auto" else \
-                f"_jit_{args.jit_compile}"
+            result["malloc"] = malloc
+            suffix = ("" if args.jit_compile == "auto" else
+                      f"_jit_{args.jit_compile}") + (
+                "_steady_malloc" if args.steady_malloc else "")
             common.write_results("bench_models", backend + suffix, result,
                                  args.out)
     text = render(args.out)

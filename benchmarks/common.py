@@ -20,6 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 BACKENDS = ("tensorflow", "jax", "torch")
+# --steady-malloc: glibc's allocator serves every block below 1 GiB from the
+# heap and never trims it, so freed memory is reused without page faults, as
+# with a caching allocator (CUDA's, jemalloc, tcmalloc). By default glibc
+# maps blocks over its dynamic threshold (at most 32 MiB) afresh and unmaps
+# them when freed: each fresh output then page-faults, ~0.5 ms a MiB in this
+# VM, by amounts that change with the allocator's state.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                 "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +59,13 @@ def run_children(script: str, backends, extra_args, extra_env=None) -> dict:
             raise RuntimeError(f"{backend} child failed (rc={proc.returncode})")
         out[backend] = json.loads(lines[-1][len("RESULT "):])
     return out
+
+
+def add_steady_malloc_option(parser) -> None:
+    parser.add_argument(
+        "--steady-malloc", action="store_true",
+        help="children keep freed memory (glibc tunables, see "
+        "common.STEADY_MALLOC); results get a _steady_malloc suffix")
 
 
 def emit(result) -> None:
