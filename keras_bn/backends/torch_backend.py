@@ -105,10 +105,10 @@ def _mean_dominates(mean, variance, epsilon: float = 0.0) -> bool:
     return bool((margin < -epsilon).any())
 
 
-# id(moving mean) -> (its weakref, version, variance weakref, version,
-# epsilon, _mean_dominates): the moving statistics change only in place (a
-# training step's assign bumps torch's version counter), so inference checks
-# them once per change instead of with a host sync on every call.
+# id(moving mean) -> (its weakref, variance weakref, (versions, epsilon),
+# _mean_dominates): the moving statistics change only in place (a training
+# step's assign bumps torch's version counter), so inference checks them
+# once per change instead of with a host sync on every call.
 _CHECKED = {}
 
 
@@ -117,20 +117,19 @@ def _moving_mean_dominates(mean, variance, epsilon: float) -> bool:
     import torch
 
     try:
-        versions = (mean._version, variance._version)
+        state = (mean._version, variance._version, epsilon)
     except RuntimeError:  # inference-mode tensors keep no version
-        versions = None
-    if versions is None or torch.compiler.is_compiling():
+        state = None
+    if state is None or torch.compiler.is_compiling():
         return _mean_dominates(mean, variance, epsilon)
-    entry = _CHECKED.get(id(mean))
-    if (entry is not None and entry[0]() is mean and entry[2]() is variance
-            and (entry[1], entry[3], entry[4]) == (*versions, epsilon)):
-        return entry[5]
-    result = _mean_dominates(mean, variance, epsilon)
     key = id(mean)
+    entry = _CHECKED.get(key)
+    if (entry is not None and entry[0]() is mean and entry[1]() is variance
+            and entry[2] == state):
+        return entry[3]
+    result = _mean_dominates(mean, variance, epsilon)
     _CHECKED[key] = (weakref.ref(mean, lambda _: _CHECKED.pop(key, None)),
-                     versions[0], weakref.ref(variance), versions[1],
-                     epsilon, result)
+                     weakref.ref(variance), state, result)
     return result
 
 
