@@ -560,9 +560,8 @@ def main(argv=None):
         if args.tf_xla:
             backends = [b for b in backends if b == "tensorflow"]
             passthrough.append("--tf-xla")
-        malloc = common.STEADY_MALLOC if args.steady_malloc else {}
-        timings = common.run_children(__file__, backends, passthrough,
-                                      {b: malloc for b in backends})
+        malloc, env, suffix = common.malloc_settings(args, backends)
+        timings = common.run_children(__file__, backends, passthrough, env)
         memory = {} if args.no_memory else common.run_children(
             __file__, backends, passthrough + ["--memory-only"],
             # The CPU allocator keeps statistics only in BFC mode.
@@ -572,8 +571,7 @@ def main(argv=None):
                 result["memory"] = memory[backend]
             result["malloc"] = malloc
             summarize(backend, result)
-            name = (backend + ("_xla" if args.tf_xla else "")
-                    + ("_steady_malloc" if args.steady_malloc else ""))
+            name = backend + ("_xla" if args.tf_xla else "") + suffix
             common.write_results("bench_layer", name, result, args.out)
     text = render(args.out)
     (args.out / "bench_layer.md").write_text(text + "\n")

@@ -182,17 +182,16 @@ def main(argv=None):
         return
     if not args.render:
         backends = [b for b in args.backends.split(",") if b]
-        malloc = common.STEADY_MALLOC if args.steady_malloc else {}
+        malloc, env, malloc_suffix = common.malloc_settings(args, backends)
         results = common.run_children(
             __file__, backends,
             ["--models", ",".join(args.models), "--repeats", str(args.repeats),
              "--steps", str(args.steps), "--jit-compile", args.jit_compile],
-            {b: malloc for b in backends})
+            env)
         for backend, result in results.items():
             result["malloc"] = malloc
             suffix = ("" if args.jit_compile == "auto" else
-                      f"_jit_{args.jit_compile}") + (
-                "_steady_malloc" if args.steady_malloc else "")
+                      f"_jit_{args.jit_compile}") + malloc_suffix
             common.write_results("bench_models", backend + suffix, result,
                                  args.out)
     text = render(args.out)

@@ -68,6 +68,14 @@ def add_steady_malloc_option(parser) -> None:
         "common.STEADY_MALLOC); results get a _steady_malloc suffix")
 
 
+def malloc_settings(args, backends) -> tuple[dict, dict, str]:
+    """`(tunables, extra_env per backend, result-name suffix)` for
+    `--steady-malloc` (empty tunables and suffix without it)."""
+    malloc = STEADY_MALLOC if args.steady_malloc else {}
+    suffix = "_steady_malloc" if args.steady_malloc else ""
+    return malloc, {b: malloc for b in backends}, suffix
+
+
 def emit(result) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
