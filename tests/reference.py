@@ -125,3 +125,31 @@ def assert_close(actual, expected, tol=1e-5, what=""):
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
     err = float(np.max(np.abs(actual - expected), initial=0.0))
     assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+def channel_constant_mask(shape, feature_axes, rng, keep=0.65):
+    """A random mask constant along the feature axes, in two forms.
+
+    Returns `(mask, w)`: `mask` as the layer takes it (rank `rank - 1`,
+    Keras's convention, when the only feature axis is the last; the input's
+    rank with size 1 at a single other feature axis; the input's shape
+    without the feature axes when there are several) and `w`, its float64
+    0/1 weights broadcast to `shape`. Every channel keeps the first value.
+    """
+    rank = len(shape)
+    kept = [d for i, d in enumerate(shape) if i not in feature_axes]
+    mask = rng.uniform(size=kept) < keep
+    mask.flat[0] = True
+    w = mask
+    for a in feature_axes:
+        w = np.expand_dims(w, a)
+    if tuple(feature_axes) != (rank - 1,) and len(feature_axes) == 1:
+        mask = w  # rank - 1 would be read the Keras way, at the last axis
+    return mask, np.broadcast_to(w, shape).astype(np.float64)
+
+
+def keras_mask_weights(mask, shape):
+    """Keras's reading of a rank `rank - 1` mask: expanded at the last
+    axis, broadcast, nonzero counts as True; float64 0/1 weights."""
+    w = np.expand_dims(np.asarray(mask) != 0, -1)
+    return np.broadcast_to(w, shape).astype(np.float64)

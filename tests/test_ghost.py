@@ -40,14 +40,12 @@ def test_matches_reference(shape, axis, feat, vbs, masked, renorm):
     dy = rng.normal(size=shape).astype("float32")
     mask = w = None
     if masked:
-        kept = [d for i, d in enumerate(shape) if i not in feat]
-        mask = rng.uniform(size=kept) > 0.3
-        mask[:, ...] = mask | (np.arange(kept[0]) % vbs == 0).reshape(
-            (-1,) + (1,) * (len(kept) - 1))  # every group keeps a value
-        w = mask
-        for a in feat:
-            w = np.expand_dims(w, a)
-        w = np.broadcast_to(w, shape).astype(np.float64)
+        mask, w = ref.channel_constant_mask(shape, feat, rng, keep=0.7)
+        # Every group keeps a value: its first sample, everywhere.
+        first = (np.arange(shape[0]) % vbs == 0).reshape(
+            (-1,) + (1,) * (mask.ndim - 1))
+        mask = mask | first
+        w = np.maximum(w, first.reshape((-1,) + (1,) * (len(shape) - 1)))
 
     y, dx, grads = call_with_grads(layer, x, dy, training=True, mask=mask)
 

@@ -169,9 +169,17 @@ class BatchNormalization(keras.layers.Layer):
         training: Python boolean, whether to use batch statistics and update
             the moving statistics.
         mask: Optional boolean tensor, `True` where values count towards the
-            statistics. Either the input's shape without the feature axes
-            (e.g. `(batch, time)` for `(batch, time, features)`) or a shape
-            of the input's rank that broadcasts to it.
+            statistics (any nonzero value counts as `True`, as in Keras).
+            As in Keras's layer, a mask of rank `rank - 1` is the input's
+            shape without its last axis, e.g. `(batch, time)` for
+            `(batch, time, features)` (what `Masking`, `Embedding` and the
+            RNN layers produce); it is expanded at the last axis and
+            broadcast, whatever `axis` is. Also accepted: a mask of the
+            input's rank that broadcasts to it (e.g. `(batch, 1, h, w)` for
+            channels-first images), and, with several feature axes, the
+            input's shape without them. Each channel's statistics count
+            exactly the values its mask keeps; a channel with none keeps
+            its moving statistics.
 
     Returns:
         A tensor of the same shape as `inputs`, in the compute dtype.
@@ -374,32 +382,48 @@ class BatchNormalization(keras.layers.Layer):
         return ops.cast(inputs, "float64" if dtype == "float64" else "float32")
 
     def _mask_weights(self, mask, x):
+        """The mask as 0/1 weights that broadcast against `x`.
+
+        Keras's convention comes first: a mask of rank `rank - 1` is the
+        input's shape without its last axis (what `Masking`, `Embedding` and
+        the RNN layers produce), expanded at the last axis, whatever `axis`
+        is. Two readings of ours cannot be mistaken for it, because Keras's
+        layer rejects their ranks: a mask of the input's rank that
+        broadcasts to it, and, with several feature axes, the input's shape
+        without the feature axes.
+        """
         if mask is None:
             return None
         rank = len(x.shape)
         mask_shape = tuple(mask.shape)
-        if len(mask_shape) == rank - len(self._axes):
-            expected = tuple(
-                d for i, d in enumerate(x.shape) if i not in self._axes
-            )
-            fits = all(
-                m is None or e is None or m == e
-                for m, e in zip(mask_shape, expected)
-            )
-            if fits:
-                for a in self._axes:
+        expand = None
+        if len(mask_shape) == rank - 1:
+            expand = (rank - 1,)
+        elif len(mask_shape) == rank:
+            expand = ()
+        elif len(self._axes) > 1 and len(mask_shape) == rank - len(self._axes):
+            expand = self._axes
+        if expand is not None:
+            full = list(mask_shape)
+            for a in expand:
+                full.insert(a, 1)
+            if all(m is None or d is None or m in (1, d)
+                   for m, d in zip(full, x.shape)):
+                if keras.backend.standardize_dtype(mask.dtype) != "bool":
+                    mask = ops.cast(mask, "bool")  # Keras reads any nonzero
+                for a in expand:
                     mask = ops.expand_dims(mask, a)
                 return mask
-        elif len(mask_shape) == rank and all(
-            m is None or d is None or m in (1, d)
-            for m, d in zip(mask_shape, x.shape)
-        ):
-            return mask
+        multi = (
+            f", or (with several feature axes) the input's shape without the "
+            f"feature axes {self._axes}" if len(self._axes) > 1 else ""
+        )
         raise ValueError(
-            "`mask` must have the input's shape without the feature axes "
-            f"{self._axes}, or a shape of the input's rank that broadcasts "
-            f"to it. Received: mask.shape={mask_shape}, "
-            f"inputs.shape={tuple(x.shape)}"
+            "`mask` must have the input's shape without its last axis "
+            "(Keras's convention, expanded at the last axis and broadcast), "
+            f"or the input's rank and a shape that broadcasts to it{multi}. "
+            f"Received: mask.shape={mask_shape}, inputs.shape="
+            f"{tuple(x.shape)}, axis={self.axis!r}"
         )
 
     def _param(self, variable, dtype):
