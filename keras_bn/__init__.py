@@ -7,10 +7,11 @@ from keras_bn import callbacks
 from keras_bn import datasets
 from keras_bn import models
 from keras_bn.convert import convert
+from keras_bn.fold import fold
 from keras_bn.layers import BatchNormalization
 from keras_bn.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormalization", "callbacks", "convert", "datasets", "models",
-           "recalibrate", "__version__"]
+__all__ = ["BatchNormalization", "callbacks", "convert", "datasets", "fold",
+           "models", "recalibrate", "__version__"]

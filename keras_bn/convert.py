@@ -1,4 +1,4 @@
-"""Converting existing models to `keras_bn.BatchNormalization`."""
+"""Converting models to `keras_bn.BatchNormalization`, and back."""
 
 from __future__ import annotations
 
@@ -18,9 +18,49 @@ _OVERRIDABLE = tuple(
     name for name in inspect.signature(BatchNormalization.__init__).parameters
     if name not in ("self", "kwargs")
 )
+_KERAS_BN = keras.layers.BatchNormalization
+_KERAS_OVERRIDABLE = tuple(
+    name for name in inspect.signature(_KERAS_BN.__init__).parameters
+    if name not in ("self", "kwargs")
+)
 
 
-def convert(model: keras.layers.Layer, **overrides) -> keras.layers.Layer:
+def keras_layer_config(config: dict, name: str, training: bool) -> dict:
+    """Maps a `keras_bn.BatchNormalization` config onto Keras's layer.
+
+    `data_format` is already resolved into `axis`; `fused` and
+    `skip_nonfinite_updates` only change how (and whether, on non-finite
+    batches) training computes, so they are dropped. `virtual_batch_size`
+    changes training: with `training=True` a set one raises, with
+    `training=False` (an inference-only copy) it is dropped.
+
+    Raises:
+        ValueError: If `axis` holds several axes (Keras's layer takes one),
+            or, with `training=True`, if `virtual_batch_size` is set.
+    """
+    axis = config["axis"]
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            raise ValueError(
+                f"keras.layers.BatchNormalization takes a single axis, but "
+                f"{name!r} normalizes over axis={list(axis)}; it has no "
+                "Keras equivalent."
+            )
+        axis = axis[0]
+    if training and config.get("virtual_batch_size") is not None:
+        raise ValueError(
+            f"{name!r} has virtual_batch_size="
+            f"{config['virtual_batch_size']}, which keras.layers."
+            "BatchNormalization cannot do (it changes training). Convert "
+            "with `convert(model, virtual_batch_size=None)` first if plain "
+            "batch normalization is what you want."
+        )
+    keep = set(_KERAS_OVERRIDABLE) | {"name", "trainable", "dtype"}
+    return {**{k: v for k, v in config.items() if k in keep}, "axis": axis}
+
+
+def convert(model: keras.layers.Layer, to: type = BatchNormalization,
+            **overrides) -> keras.layers.Layer:
     """Returns a copy of `model` using `keras_bn.BatchNormalization`.
 
     The counterpart of PyTorch's `SyncBatchNorm.convert_sync_batchnorm`:
@@ -39,40 +79,59 @@ def convert(model: keras.layers.Layer, **overrides) -> keras.layers.Layer:
     the original stays shared in the copy). Compile the copy before
     training it; optimizer state is not carried over.
 
-    Subclasses of `keras.layers.BatchNormalization` are copied unconverted,
-    with a warning, since they may change the layer's behaviour. Layers
+    With `to=keras.layers.BatchNormalization` it goes the other way, for
+    models shipped without keras-bn: every `keras_bn.BatchNormalization`
+    becomes Keras's layer with the same weights and options (`data_format`
+    as `axis`). `fused` and `skip_nonfinite_updates` are dropped: they
+    only change how training computes (Keras's layer never skips
+    non-finite batches). An option Keras's layer cannot express raises a
+    `ValueError`: several axes, or a `virtual_batch_size` (it changes
+    training; `convert(model, virtual_batch_size=None)` first drops it).
+
+    Subclasses of the layer not converted to are copied unconverted, with
+    a warning, since they may change the layer's behaviour. Layers
     that hold batch-norm layers inside their own code (subclassed models
     and layers) cannot be rebuilt and raise a `TypeError`.
 
     Args:
         model: A Keras model (Sequential, functional, possibly nested) or a
             single batch-norm layer.
-        **overrides: Arguments of `keras_bn.BatchNormalization`'s
-            constructor (not `name`, `dtype` or `trainable`) to set on every
-            batch-norm layer. An override that changes the weights (e.g.
-            `center=False`, `renorm=True`) changes predictions; new renorm
-            weights start from the layer's moving statistics.
+        to: The batch-norm class of the result:
+            `keras_bn.BatchNormalization` (default) or
+            `keras.layers.BatchNormalization`.
+        **overrides: Arguments of the constructor of `to` (not `name`,
+            `dtype` or `trainable`) to set on every batch-norm layer. An
+            override that changes the weights (e.g. `center=False`,
+            `renorm=True`) changes predictions; new renorm weights start
+            from the layer's moving statistics.
 
     Returns:
         The converted copy of `model`.
 
     Raises:
-        TypeError: If `model` is not a Keras layer, an override is not an
-            argument of `keras_bn.BatchNormalization`, or a subclassed
-            layer holds batch-norm layers.
-        ValueError: If an override has an invalid value.
+        TypeError: If `model` is not a Keras layer, `to` is neither
+            batch-norm class, an override is not an argument of `to`, or a
+            subclassed layer holds batch-norm layers.
+        ValueError: If an override has an invalid value, or (with
+            `to=keras.layers.BatchNormalization`) a layer has an option
+            Keras's layer cannot express.
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`model` must be a Keras model or layer. Received: "
                         f"model={model!r} (of type {type(model).__name__})")
-    unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+    if to is not BatchNormalization and to is not _KERAS_BN:
+        raise TypeError(
+            "`to` must be keras_bn.BatchNormalization or keras.layers."
+            f"BatchNormalization. Received: to={to!r}")
+    allowed = _OVERRIDABLE if to is BatchNormalization else _KERAS_OVERRIDABLE
+    unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise TypeError(
             f"convert() got unknown override(s) {unknown}; overrides must be "
-            f"arguments of keras_bn.BatchNormalization: {list(_OVERRIDABLE)}"
+            f"arguments of {to.__module__}.{to.__name__}: {list(allowed)}"
         )
-    BatchNormalization(**overrides)  # Bad values fail now, not mid-copy.
-    converter = _Converter(overrides)
+    to(**overrides)  # Bad values fail now, not mid-copy.
+    converter = _Converter(overrides, to)
     converted = converter.clone(model)
     converter.copy_state()
     return converted
@@ -81,8 +140,9 @@ def convert(model: keras.layers.Layer, **overrides) -> keras.layers.Layer:
 class _Converter:
     """Clones layers, remembering each (original, copy) pair."""
 
-    def __init__(self, overrides: dict):
+    def __init__(self, overrides: dict, to: type = BatchNormalization):
         self.overrides = overrides
+        self.to = to
         self.pairs = {}  # id(original) -> (original, copy), in clone order
 
     def clone(self, layer):
@@ -92,19 +152,25 @@ class _Converter:
             # Recursing here rather than with `recursive=True` gives every
             # nested pair, models included, and one memo across levels.
             copy = keras.models.clone_model(layer, clone_function=self.clone)
-        elif isinstance(layer, BatchNormalization) or (
-            type(layer) is keras.layers.BatchNormalization
+        elif self.to is BatchNormalization and (
+            isinstance(layer, BatchNormalization) or type(layer) is _KERAS_BN
         ):
             cls = type(layer) if isinstance(layer, BatchNormalization) else (
                 BatchNormalization
             )
             copy = cls.from_config({**layer.get_config(), **self.overrides})
+        elif self.to is _KERAS_BN and type(layer) in (BatchNormalization,
+                                                      _KERAS_BN):
+            config = layer.get_config()
+            if type(layer) is BatchNormalization:
+                config = keras_layer_config(config, layer.name, training=True)
+            copy = _KERAS_BN.from_config({**config, **self.overrides})
         else:
-            if isinstance(layer, keras.layers.BatchNormalization):
+            if isinstance(layer, (_KERAS_BN, BatchNormalization)):
                 warnings.warn(
-                    f"convert: {layer.name!r} is a subclass of keras.layers."
-                    f"BatchNormalization ({type(layer).__name__}) and is "
-                    "copied unconverted.", stacklevel=3,
+                    f"convert: {layer.name!r} is a subclass of a batch-norm "
+                    f"layer ({type(layer).__name__}) and is copied "
+                    "unconverted.", stacklevel=3,
                 )
             self._check_no_hidden_bn(layer)
             copy = type(layer).from_config(layer.get_config())
@@ -138,7 +204,7 @@ class _Converter:
         for original, copy in leaves:
             self._build_like(original, copy)
             if original.built:
-                if isinstance(copy, BatchNormalization):
+                if isinstance(copy, (BatchNormalization, _KERAS_BN)):
                     _copy_bn_weights(original, copy)
                 else:
                     copy.set_weights(original.get_weights())

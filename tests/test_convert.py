@@ -234,3 +234,110 @@ def test_bad_overrides():
         convert(model, virtual_batch_size=0)
     with pytest.raises(TypeError, match="model="):
         convert("model")
+
+
+def _ours_model():
+    inputs = keras.Input((5, 5, 3), name="image")
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    h = keras_bn.BatchNormalization(momentum=0.9, skip_nonfinite_updates=False,
+                                    fused=True, name="bn")(h)
+    h = keras_bn.BatchNormalization(axis=[3], renorm=True,
+                                    renorm_clipping={"rmax": 2.0},
+                                    name="renorm")(h)
+    h = keras_bn.BatchNormalization(data_format="channels_first",
+                                    center=False, name="rows")(h)
+    inner = keras.Sequential([keras.Input((3, 3, 4)),
+                              keras_bn.BatchNormalization(name="inner_bn")],
+                             name="inner")
+    h = _KERAS_BN(epsilon=0.01, name="theirs")(inner(h))
+    return keras.Model(inputs, keras.layers.Flatten()(h), name="ours")
+
+
+def _weights(model):
+    return {f"{path}/{v.name}": _np(v) for path, layer in (
+        (layer.name, layer) for layer in _all_layers(model))
+        for v in layer.weights}
+
+
+def test_convert_to_keras_layer_and_back():
+    model = _ours_model()
+    _randomize_bn(model)
+    x = np.random.default_rng(6).normal(size=(3, 5, 5, 3)).astype("float32")
+    converted = convert(model, to=_KERAS_BN)
+    assert _count(converted, keras_bn.BatchNormalization) == 0
+    assert _count(converted, _KERAS_BN) == 5
+    assert _count(model, keras_bn.BatchNormalization) == 4  # untouched
+    rows = converted.get_layer("rows")
+    assert (rows.axis, rows.center) == (1, False)
+    renorm = converted.get_layer("renorm")
+    assert renorm.axis == 3 and renorm.renorm
+    assert renorm.renorm_clipping["rmax"] == 2.0
+    assert converted.get_layer("bn").momentum == 0.9
+    assert converted.get_layer("theirs").epsilon == 0.01
+    assert converted.name == "ours"
+    original = _weights(model)
+    got = _weights(converted)
+    assert list(got) == list(original)  # same names, same order
+    for name in original:
+        np.testing.assert_array_equal(got[name], original[name], name)
+    _assert_same_predictions(model, converted, x)
+    # And back again: identical weights.
+    back = convert(converted)
+    assert _count(back, _KERAS_BN) == 0
+    for name, value in _weights(back).items():
+        np.testing.assert_array_equal(value, original[name], name)
+    # Overrides are Keras's arguments.
+    frozen = convert(model, to=_KERAS_BN, momentum=0.5)
+    assert {layer.momentum for layer in _all_layers(frozen)
+            if isinstance(layer, _KERAS_BN)} == {0.5}
+
+
+def test_convert_to_keras_layer_loads_without_keras_bn(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = _ours_model()
+    _randomize_bn(model)
+    converted = convert(model, to=_KERAS_BN)
+    x = np.random.default_rng(7).normal(size=(2, 5, 5, 3)).astype("float32")
+    path = str(tmp_path / "converted.keras")
+    converted.save(path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", _np(model(x, training=False)))
+    child = (
+        "import sys, numpy as np, keras\n"
+        f"m = keras.saving.load_model({path!r}, safe_mode=True)\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        "y = keras.ops.convert_to_numpy(m(x, training=False))\n"
+        f"e = np.load({str(tmp_path / 'y.npy')!r})\n"
+        "np.testing.assert_allclose(y, e, rtol=0, atol=1e-6 * abs(e).max())\n"
+        "assert 'keras_bn' not in sys.modules\n"
+        "print('loaded')\n")
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    result = subprocess.run([sys.executable, "-c", child], env=env,
+                            cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded" in result.stdout
+
+
+def test_convert_to_keras_layer_errors():
+    inputs = keras.Input((4, 4, 2))
+    grid = keras.Model(inputs, keras_bn.BatchNormalization(
+        axis=[1, 2], name="grid")(inputs))
+    with pytest.raises(ValueError, match="'grid'.*axis=\\[1, 2\\]"):
+        convert(grid, to=_KERAS_BN)
+    ghost = keras.Model(inputs, keras_bn.BatchNormalization(
+        virtual_batch_size=2, name="ghost")(inputs))
+    with pytest.raises(ValueError, match="'ghost'.*virtual_batch_size=2"):
+        convert(ghost, to=_KERAS_BN)
+    # The suggested way out works.
+    plain = convert(convert(ghost, virtual_batch_size=None), to=_KERAS_BN)
+    assert type(plain.get_layer("ghost")) is _KERAS_BN
+    with pytest.raises(TypeError, match="virtual_batch_size"):
+        convert(ghost, to=_KERAS_BN, virtual_batch_size=None)
+    with pytest.raises(TypeError, match="to="):
+        convert(ghost, to=keras.layers.LayerNormalization)
+    with pytest.raises(TypeError, match="to="):
+        convert(ghost, to="keras")
