@@ -10,9 +10,7 @@ import numpy as np
 from keras import ops
 from keras import tree
 
-
-def _describe(value) -> str:
-    return f"{value!r} (of type {type(value).__name__})"
+from keras_bn import _validation as check
 
 
 def _check_percentiles(percentiles) -> tuple[float, ...]:
@@ -20,7 +18,7 @@ def _check_percentiles(percentiles) -> tuple[float, ...]:
         percentiles, Sequence
     ):
         raise TypeError("`percentiles` must be a sequence of numbers in "
-                        f"[0, 100]. Received: percentiles={_describe(percentiles)}")
+                        f"[0, 100]. Received: percentiles={check.describe(percentiles)}")
     if not percentiles:
         raise ValueError("`percentiles` must hold at least one value. "
                          f"Received: percentiles={percentiles!r}")
@@ -32,16 +30,6 @@ def _check_percentiles(percentiles) -> tuple[float, ...]:
             raise ValueError("`percentiles` must lie in [0, 100]. Received: "
                              f"percentiles={percentiles!r}")
     return tuple(float(p) for p in percentiles)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= {minimum}. Received: "
-                        f"{name}={_describe(value)}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: "
-                         f"{name}={value!r}")
-    return int(value)
 
 
 class ActivationPercentiles(keras.callbacks.Callback):
@@ -115,20 +103,20 @@ class ActivationPercentiles(keras.callbacks.Callback):
         super().__init__()
         if not isinstance(layer, (str, keras.layers.Layer)):
             raise TypeError("`layer` must be a layer name (str) or a "
-                            f"keras.layers.Layer. Received: layer={_describe(layer)}")
+                            f"keras.layers.Layer. Received: layer={check.describe(layer)}")
         if data is None:
             raise ValueError("`data` must hold the model inputs to record on."
                              " Received: data=None")
         if not isinstance(training, bool):
             raise TypeError("`training` must be True or False. Received: "
-                            f"training={_describe(training)}")
+                            f"training={check.describe(training)}")
         self.layer = layer
         self.data = data
         self.percentiles = _check_percentiles(percentiles)
-        self.every = _check_int("every", every, 1)
-        self.unit = None if unit is None else _check_int("unit", unit, 0)
+        self.every = check.integer("every", every, 1)
+        self.unit = None if unit is None else check.integer("unit", unit, 0)
         self.training = training
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check.integer("batch_size", batch_size, 1)
         self._num_examples = self._count_examples(data)
         self._probe = None
         self._reset()

@@ -24,6 +24,7 @@ from dataclasses import field
 import keras
 import numpy as np
 
+from keras_bn import _validation as check
 from keras_bn import datasets
 from keras_bn import models
 from keras_bn.layers import BatchNormalization
@@ -82,20 +83,6 @@ class _EpochTimer(keras.callbacks.Callback):
         self.on_test_begin()  # no validation data: the epoch ends here
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}. "
-                         f"Received: {name}={value!r}")
-
-
-def _check_positive(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: "
-                         f"{name}={value!r}")
-
-
 def load_data(dataset: str, train_size: int | None = None,
               test_size: int | None = None) -> tuple:
     """Loads a dataset scaled to `[0, 1]` in the shape its model takes.
@@ -109,9 +96,9 @@ def load_data(dataset: str, train_size: int | None = None,
         `((x_train, y_train), (x_test, y_test))`, `float32` images and
         integer labels of shape `(n,)`.
     """
-    _check_choice("dataset", dataset, DATASETS)
-    _check_positive("train_size", train_size, allow_none=True)
-    _check_positive("test_size", test_size, allow_none=True)
+    check.choice("dataset", dataset, DATASETS)
+    check.integer("train_size", train_size, allow_none=True)
+    check.integer("test_size", test_size, allow_none=True)
     loader = {"mnist": datasets.load_mnist,
               "cifar10": datasets.load_cifar10}[dataset]
     (x_train, y_train), (x_test, y_test) = loader()
@@ -135,8 +122,8 @@ def build_model(dataset: str, variant: str) -> keras.Model:
     Returns:
         The uncompiled model.
     """
-    _check_choice("dataset", dataset, DATASETS)
-    _check_choice("variant", variant, VARIANTS)
+    check.choice("dataset", dataset, DATASETS)
+    check.choice("variant", variant, VARIANTS)
     norm = (keras.layers.BatchNormalization if variant == "keras"
             else BatchNormalization)
     builder = models.mnist_dense if dataset == "mnist" else models.cifar10_conv
@@ -196,8 +183,8 @@ def train(model: keras.Model, data: tuple, variant: str, epochs: int,
     Returns:
         The `Result`.
     """
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
+    check.integer("epochs", epochs)
+    check.integer("batch_size", batch_size)
     (x_train, y_train), (x_test, y_test) = data
     learning_rate = 1e-3  # Keras's default for Adam
     if cosine_decay:
@@ -301,7 +288,7 @@ def run(dataset: str = "mnist", epochs: int | None = None,
     Returns:
         The three `Result`s.
     """
-    _check_choice("dataset", dataset, DATASETS)
+    check.choice("dataset", dataset, DATASETS)
     epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
     backend = keras.backend.backend()
     data = load_data(dataset, train_size=train_size)

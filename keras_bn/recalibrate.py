@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import warnings
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_bn import _validation as check
 from keras_bn import statistics
 from keras_bn.layers import BatchNormalization
 
@@ -96,7 +96,7 @@ def recalibrate(
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`model` must be a Keras model or layer. Received: "
-                        f"model={_describe(model)}")
+                        f"model={check.describe(model)}")
     layers = _bn_layers(model)
     if not layers:
         raise ValueError(
@@ -104,8 +104,8 @@ def recalibrate(
             "BatchNormalization or keras.layers.BatchNormalization). "
             f"Received: model={model.name!r}"
         )
-    steps = _check_optional_positive_int("steps", steps)
-    batch_size = _check_optional_positive_int("batch_size", batch_size)
+    steps = check.integer("steps", steps, allow_none=True)
+    batch_size = check.integer("batch_size", batch_size, allow_none=True)
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}. Received: "
                          f"mode={mode!r}")
@@ -151,22 +151,6 @@ def recalibrate(
                       f"{uncalled} were not called by the model and keep "
                       f"their moving statistics.", stacklevel=2)
     return model
-
-
-def _describe(value) -> str:
-    return f"{value!r} (of type {type(value).__name__})"
-
-
-def _check_optional_positive_int(name: str, value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be None or a positive int. "
-                        f"Received: {name}={_describe(value)}")
-    if value < 1:
-        raise ValueError(f"`{name}` must be None or a positive int. "
-                         f"Received: {name}={value!r}")
-    return int(value)
 
 
 def _bn_layers(model) -> list:
@@ -244,7 +228,7 @@ class _Collector:
             progbar.add(1)
         if not batches.yielded:
             raise ValueError(f"`data` yielded no batch. Received: "
-                             f"data={_describe(batches.data)}")
+                             f"data={check.describe(batches.data)}")
 
     def restore(self):
         for layer, values in self._saved.items():
@@ -374,7 +358,7 @@ class _Batches:
             raise ValueError(
                 "`batch_size` is only for array inputs; datasets, generators "
                 f"and iterables bring their own batches. Received: batch_size="
-                f"{batch_size!r} with data={_describe(data)}"
+                f"{batch_size!r} with data={check.describe(data)}"
             )
         if isinstance(data, keras.utils.PyDataset):
             count = data.num_batches
@@ -394,7 +378,7 @@ class _Batches:
             raise TypeError(
                 "`data` must be an array, a dict of arrays, a tf.data.Dataset, "
                 "a keras.utils.PyDataset or an iterable of batches. Received: "
-                f"data={_describe(data)}"
+                f"data={check.describe(data)}"
             ) from None
         count = len(data) if hasattr(data, "__len__") else None
         if iterator is data:

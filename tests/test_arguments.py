@@ -37,7 +37,7 @@ BN = keras_bn.BatchNormalization
         ({"data_format": "channels_first", "axis": 3}, ValueError,
          ["data_format", "channels_first", "axis=3"]),
         ({"virtual_batch_size": 0}, ValueError, ["virtual_batch_size", "0"]),
-        ({"virtual_batch_size": 2.5}, ValueError, ["virtual_batch_size", "2.5"]),
+        ({"virtual_batch_size": 2.5}, TypeError, ["virtual_batch_size", "2.5"]),
         ({"fused": "yes"}, ValueError, ["fused", "yes"]),
     ],
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import keras
@@ -12,70 +11,11 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from keras_bn import _validation as check
 from keras_bn import backends
 from keras_bn import statistics
 
-_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 _DATA_FORMAT_AXIS = {"channels_last": -1, "channels_first": 1}
-
-
-def _describe(value) -> str:
-    return f"{value!r} (of type {type(value).__name__})"
-
-
-def _check_unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a float in [0, 1]. Received: "
-                        f"{name}={_describe(value)}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1]. Received: "
-                         f"{name}={value!r}")
-    return float(value)
-
-
-def _check_axis(axis) -> int | list[int]:
-    if isinstance(axis, bool):
-        raise TypeError(f"`axis` must be an int or a list of ints. "
-                        f"Received: axis={_describe(axis)}")
-    if isinstance(axis, numbers.Integral):
-        return int(axis)
-    if isinstance(axis, (list, tuple)) and axis and all(
-        isinstance(a, numbers.Integral) and not isinstance(a, bool)
-        for a in axis
-    ):
-        return [int(a) for a in axis]
-    raise TypeError(f"`axis` must be an int or a non-empty list of ints. "
-                    f"Received: axis={_describe(axis)}")
-
-
-def _check_clipping(renorm_clipping) -> dict | None:
-    if renorm_clipping is None:
-        return None
-    if not isinstance(renorm_clipping, dict):
-        raise TypeError(f"`renorm_clipping` must be a dict with keys among "
-                        f"{_CLIPPING_KEYS}. Received: renorm_clipping="
-                        f"{_describe(renorm_clipping)}")
-    unknown = sorted(set(renorm_clipping) - set(_CLIPPING_KEYS))
-    if unknown:
-        raise ValueError(f"`renorm_clipping` has unknown keys {unknown}; "
-                         f"supported keys are {list(_CLIPPING_KEYS)}. "
-                         f"Received: renorm_clipping={renorm_clipping!r}")
-    clipping = {}
-    for key, value in renorm_clipping.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"`renorm_clipping['{key}']` must be a number. "
-                            f"Received: {_describe(value)}")
-        clipping[key] = float(value)
-    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
-    if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(f"`renorm_clipping` needs rmax >= rmin. Received: "
-                         f"rmax={rmax}, rmin={rmin}")
-    if clipping.get("dmax", 0.0) < 0:
-        raise ValueError(f"`renorm_clipping` needs dmax >= 0. Received: "
-                         f"dmax={clipping['dmax']}")
-    return clipping
 
 
 def _fresh(initializer):
@@ -211,13 +151,9 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        axis = _check_axis(axis)
+        axis = check.axis(axis)
         if data_format is not None:
-            if data_format not in _DATA_FORMAT_AXIS:
-                raise ValueError(
-                    "`data_format` must be 'channels_last' or "
-                    f"'channels_first'. Received: data_format={data_format!r}"
-                )
+            check.choice("data_format", data_format, tuple(_DATA_FORMAT_AXIS))
             implied = _DATA_FORMAT_AXIS[data_format]
             # `axis=-1` is the default, so it yields to `data_format`.
             if axis not in (-1, implied, [implied]):
@@ -227,42 +163,21 @@ class BatchNormalization(keras.layers.Layer):
                     "only one of them."
                 )
             axis = implied
-        if isinstance(axis, list) and len(set(axis)) != len(axis):
-            raise ValueError(f"`axis` has repeated entries. Received: "
-                             f"axis={axis!r}")
         self.axis = axis
         self.data_format = data_format
-        self.momentum = _check_unit_interval("momentum", momentum)
-        self.renorm_momentum = _check_unit_interval(
+        self.momentum = check.unit_interval("momentum", momentum)
+        self.renorm_momentum = check.unit_interval(
             "renorm_momentum", renorm_momentum
         )
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise TypeError(f"`epsilon` must be a positive float. Received: "
-                            f"epsilon={_describe(epsilon)}")
-        if not (float(epsilon) > 0 and math.isfinite(epsilon)):
-            raise ValueError(f"`epsilon` must be a positive finite float. "
-                             f"Received: epsilon={epsilon!r}")
-        self.epsilon = float(epsilon)
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, numbers.Integral)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                "`virtual_batch_size` must be None or a positive int. "
-                f"Received: virtual_batch_size={virtual_batch_size!r}"
-            )
-        self.virtual_batch_size = (
-            None if virtual_batch_size is None else int(virtual_batch_size)
+        self.epsilon = check.positive_float("epsilon", epsilon)
+        self.virtual_batch_size = check.integer(
+            "virtual_batch_size", virtual_batch_size, allow_none=True
         )
-        if fused not in (None, True, False):
-            raise ValueError(f"`fused` must be None, True or False. "
-                             f"Received: fused={fused!r}")
-        self.fused = fused
+        self.fused = check.choice("fused", fused, (None, True, False))
         self.center = bool(center)
         self.scale = bool(scale)
         self.renorm = bool(renorm)
-        self.renorm_clipping = _check_clipping(renorm_clipping)
+        self.renorm_clipping = check.renorm_clipping(renorm_clipping)
         if self.renorm_clipping and not self.renorm:
             raise ValueError("`renorm_clipping` is only used with "
                              f"renorm=True. Received: renorm={renorm!r}, "
