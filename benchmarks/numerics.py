@@ -9,13 +9,15 @@ inf) for each backend, and writes benchmarks/results/numerics.json.
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 RATIOS = (1e0, 1e2, 1e3, 1e4)
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def measure() -> dict:
@@ -39,29 +41,34 @@ def measure() -> dict:
     return rows
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(measure()))
-        return
-    results = {}
-    for backend in ("tensorflow", "jax", "torch"):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        out = subprocess.run([sys.executable, __file__, "--worker"], env=env,
-                             capture_output=True, text=True, check=True)
-        results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
-    lines = ["| backend | mean/std | keras_bn: max abs(std - 1) | keras: max abs(std - 1) |",
-             "|---|---|---|---|"]
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=list(common.BACKENDS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        common.quiet_logs()
+        common.emit({"machine": common.machine(args.child),
+                     "rows": measure()})
+        return 0
+    children = common.run_children(__file__, args.backends, [])
+    results = {backend: r["rows"] for backend, r in children.items()}
+    lines = ["| backend | mean/std | keras_bn: max abs(std - 1) | "
+             "keras: max abs(std - 1) |", "|---|---|---|---|"]
     for backend, rows in results.items():
         for ratio, row in rows.items():
-            lines.append(f"| {backend} | {ratio} | {row['keras_bn']:.1e} | {row['keras']:.1e} |")
+            lines.append(f"| {backend} | {ratio} | {row['keras_bn']:.1e} | "
+                         f"{row['keras']:.1e} |")
     table = "\n".join(lines)
     print(table)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "numerics.json"), "w") as f:
-        json.dump({"what": __doc__.strip().splitlines()[0], "results": results}, f, indent=1)
-    with open(os.path.join(HERE, "results", "numerics.md"), "w") as f:
-        f.write(table + "\n")
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"what": __doc__.strip().splitlines()[0], "results": results,
+               "machine": {b: r["machine"] for b, r in children.items()}}
+    (common.RESULTS / "numerics.json").write_text(
+        json.dumps(payload, indent=1) + "\n")
+    (common.RESULTS / "numerics.md").write_text(table + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
