@@ -11,10 +11,19 @@ import importlib
 import keras
 
 
+_MODULES = {}
+
+
 def _module():
-    return importlib.import_module(
-        f"keras_bn.backends.{keras.backend.backend()}_backend"
-    )
+    # Looked up in a dict after the first import: torch.compile cannot trace
+    # `importlib.import_module` (a graph break, and fullgraph=True fails).
+    name = keras.backend.backend()
+    module = _MODULES.get(name)
+    if module is None:
+        module = _MODULES[name] = importlib.import_module(
+            f"keras_bn.backends.{name}_backend"
+        )
+    return module
 
 
 def num_replicas() -> int:
@@ -75,3 +84,9 @@ def fused_infer(inputs, mean, variance, gamma, beta, epsilon: float, axis: int):
     if fn is None:
         return None
     return fn(inputs, mean, variance, gamma, beta, epsilon, axis)
+
+
+try:  # Imported now, so that the first layer call may be a compiled one.
+    _module()
+except ImportError:  # a backend without a module of its own here
+    pass

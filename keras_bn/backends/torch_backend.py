@@ -299,8 +299,17 @@ def _exact_rows_train(rows, gamma, beta, epsilon):
     return y, mean, var
 
 
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def fused_train(x, gamma, beta, epsilon, axis, exact=True):
-    if not x.dtype.is_floating_point or x.dim() < 2:
+    # Under torch.compile the reference path's plain ops trace into one
+    # graph that Inductor fuses; the kernels' host-side checks (mean vs
+    # std, a Python bool) would break the graph at every call.
+    if not x.dtype.is_floating_point or x.dim() < 2 or _compiling():
         return None
     channels = x.shape[axis]
     n = x.numel() // channels if channels else 0
@@ -323,7 +332,8 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
 def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
     import torch.nn.functional as F
 
-    if not x.dtype.is_floating_point or x.dim() < 2:
+    # Under torch.compile (and torch.export) as in fused_train.
+    if not x.dtype.is_floating_point or x.dim() < 2 or _compiling():
         return None
     # ATen computes x * a + (beta - mean * a): where |mean| / std is large
     # the two terms cancel and lose the output's low bits, so decline.
