@@ -237,7 +237,7 @@ class _Folder:
             self._count(model)
         functional = isinstance(model, Functional)
         entries = config["layers"]
-        self.removed = set()
+        removed = set()  # indices of the folded batch-norm entries
         for i, entry in enumerate(entries):
             if entry["class_name"] == "InputLayer":
                 continue  # Not among a Sequential model's layers.
@@ -249,9 +249,7 @@ class _Folder:
                         f"fold() can only rebuild Sequential and functional "
                         f"models, but {prefix + name!r} is a "
                         f"{type(layer).__name__}.")
-                removed = self.removed
                 self.edit(layer, entry["config"], f"{prefix}{name}/")
-                self.removed = removed
                 continue
             if not self._is_bn(layer):
                 self._check_other(layer, prefix + name)
@@ -259,14 +257,15 @@ class _Folder:
             rank = len(entry.get("build_config", {}).get("input_shape") or ())
             if functional:
                 producer, reason = self._functional_producer(
-                    model, config, i, prefix)
+                    model, config, i, removed, prefix)
             else:
                 producer, reason = self._sequential_producer(
-                    model, entries, i, prefix)
+                    model, entries, i, removed, prefix)
             if reason is None:
                 reason = self._check(layer, producer, rank)
             if reason is None:
                 self._fold_entry(config, i, layer, producer, rank)
+                removed.add(i)
                 self.folded[prefix + name] = prefix + producer.name
                 self.plan.setdefault(prefix + producer.name, []).append(
                     (layer, rank))
@@ -280,7 +279,7 @@ class _Folder:
                                                   prefix + name,
                                                   training=False))
         config["layers"] = [e for i, e in enumerate(entries)
-                            if i not in self.removed]
+                            if i not in removed]
 
     def _check_other(self, layer, path):
         if isinstance(layer, _KERAS_BN):
@@ -295,16 +294,15 @@ class _Folder:
         elif not isinstance(layer, keras.layers.InputLayer):
             _Converter._check_no_hidden_bn(layer)
 
-    def _sequential_producer(self, model, entries, i, prefix):
-        previous = [e for j, e in enumerate(entries[:i])
-                    if j not in self.removed]
+    def _sequential_producer(self, model, entries, i, removed, prefix):
+        previous = [e for j, e in enumerate(entries[:i]) if j not in removed]
         if not previous or previous[-1]["class_name"] == "InputLayer":
             where = f"the nested model {prefix[:-1]!r}" if prefix else (
                 "the model")
             return None, f"its input is the input of {where}"
         return self._producer_layer(model, previous[-1]["config"]["name"])
 
-    def _functional_producer(self, model, config, i, prefix):
+    def _functional_producer(self, model, config, i, removed, prefix):
         entries = config["layers"]
         nodes = entries[i]["inbound_nodes"]
         if len(nodes) != 1:
@@ -319,7 +317,7 @@ class _Folder:
             where = f"the nested model {prefix[:-1]!r}" if prefix else (
                 "the model")
             return None, f"its input is an input of {where}"
-        live = [e for j, e in enumerate(entries) if j not in self.removed]
+        live = [e for j, e in enumerate(entries) if j not in removed]
         uses = sum(list(ref) == source for ref in _history(
             [[e["inbound_nodes"] for e in live], config["output_layers"]]))
         if uses > 1:
@@ -372,10 +370,9 @@ class _Folder:
         return None
 
     def _fold_entry(self, config, i, bn, producer, rank):
-        """Drops entry `i` (the batch-norm layer), gives the producer a
-        bias and, in functional configs, rewires the consumers."""
+        """Gives the producer a bias and, in functional configs, rewires
+        the consumers of entry `i` (the batch-norm layer) to it."""
         entries = config["layers"]
-        self.removed.add(i)
         producer_config = next(e for e in entries if e["config"]["name"]
                                == producer.name)["config"]
         if isinstance(producer, keras.layers.EinsumDense):
