@@ -19,10 +19,18 @@ With `--steady-malloc` the children keep freed memory (glibc tunables,
 `common.STEADY_MALLOC`), as a caching allocator does; PyTorch's CPU steps
 otherwise pay page faults on fresh activations and gradients.
 
+With `--fold` it measures inference instead: `model.predict` throughput
+of `keras_bn.models.cifar10_conv()` and `keras.applications.MobileNetV2`
+(`weights=None`, 96x96 inputs) with keras_bn's layer, with Keras's layer,
+and after `keras_bn.fold` (batch norm merged into the convolutions);
+the three run interleaved, and the ratios are of medians and of the
+fastest runs (results: bench_models_fold_<backend>.json).
+
 Rerun (writes benchmarks/results/bench_models_<backend>.json and
 benchmarks/results/bench_models.md):
 
     nice python benchmarks/bench_models.py
+    nice python benchmarks/bench_models.py --fold --backends tensorflow
     nice python benchmarks/bench_models.py --backends torch --steady-malloc
     nice python benchmarks/bench_models.py --backends tensorflow --jit-compile false
     python benchmarks/bench_models.py --render
@@ -45,6 +53,12 @@ MODELS = {
     "mnist_dense": ("mnist_dense", {"variant": "article3"}, (784,), 128, 200),
 }
 VARIANTS = ("keras_bn", "keras_bn_fused", "keras", "no_bn")
+FOLD_MODELS = {
+    # name: (input shape, batch size, batches per timed run)
+    "cifar10_conv": ((32, 32, 3), 256, 8),
+    "MobileNetV2": ((96, 96, 3), 32, 4),
+}
+FOLD_VARIANTS = ("keras_bn", "keras", "folded")
 BN_VARIANTS = VARIANTS[:3]
 TAX_TARGET = {"cifar10_conv": 0.15}
 
@@ -114,6 +128,120 @@ def child(backend, args):
             "jit_compile": args.jit_compile, "rows": rows}
 
 
+def _fold_models(name):
+    """`{variant: model}` of one `FOLD_MODELS` entry, same weights."""
+    import keras
+    import numpy as np
+
+    import keras_bn
+    import keras_bn.models
+
+    if name == "cifar10_conv":
+        ours = keras_bn.models.cifar10_conv()
+    else:
+        ours = keras_bn.convert(keras.applications.MobileNetV2(
+            weights=None, input_shape=FOLD_MODELS[name][0]))
+    rng = np.random.default_rng(0)
+    for layer in ours.layers:
+        if isinstance(layer, keras_bn.BatchNormalization):
+            for variable in (layer.moving_mean, layer.gamma, layer.beta):
+                variable.assign(rng.uniform(-0.5, 0.5, variable.shape))
+            layer.moving_variance.assign(
+                rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+    folded, report = keras_bn.fold(ours, return_report=True)
+    models = {"keras_bn": ours,
+              "keras": keras_bn.convert(ours,
+                                        to=keras.layers.BatchNormalization),
+              "folded": folded}
+    return models, report
+
+
+def fold_child(backend, args):
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    rows = []
+    for name in args.models:
+        shape, batch, steps = FOLD_MODELS[name]
+        x = np.random.default_rng(0).uniform(
+            0.0, 1.0, (batch * steps,) + shape).astype("float32")
+        models, report = _fold_models(name)
+        fns = {}
+        for variant, model in models.items():
+            model.predict(x[:batch], batch_size=batch, verbose=0)  # compiles
+
+            def predict(model=model):
+                model.predict(x, batch_size=batch, verbose=0)
+
+            fns[variant] = predict
+        times = common.time_interleaved(fns, args.repeats, warmup=1)
+        samples = batch * steps
+        throughput = {v: samples / (t["median_ms"] / 1e3)
+                      for v, t in times.items()}
+        speedup = {v: times[v]["median_ms"] / times["folded"]["median_ms"]
+                   for v in FOLD_VARIANTS[:2]}
+        speedup_of_min = {v: times[v]["min_ms"] / times["folded"]["min_ms"]
+                          for v in FOLD_VARIANTS[:2]}
+        expected = models["keras_bn"].predict(x[:batch], verbose=0)
+        got = models["folded"].predict(x[:batch], verbose=0)
+        rows.append({"model": name, "batch_size": batch, "steps": steps,
+                     "times": times, "samples_per_s": throughput,
+                     "folded_speedup": speedup,
+                     "folded_speedup_of_min": speedup_of_min,
+                     "bn_folded": len(report.folded),
+                     "bn_total": len(report.folded) + len(report.not_folded),
+                     "max_rel_diff": float(np.abs(got - expected).max()
+                                           / np.abs(expected).max())})
+        print(f"{backend} {name}: " + ", ".join(
+            f"{v}={throughput[v]:.0f}/s" for v in FOLD_VARIANTS)
+            + "; folded speed-up " + ", ".join(
+                f"vs {v} {speedup[v]:.2f}x" for v in speedup),
+            file=sys.stderr, flush=True)
+    return {"machine": common.machine(backend), "repeats": args.repeats,
+            "rows": rows}
+
+
+def render_fold(results_dir: Path) -> list[str]:
+    paths = [p for b in common.BACKENDS
+             for p in sorted(results_dir.glob(f"bench_models_fold_{b}*.json"))]
+    if not paths:
+        return []
+    parts = ["## Inference after `keras_bn.fold`", "",
+             "`model.predict` throughput (samples/s, median) with keras_bn's "
+             "layer, Keras's layer and folded (batch norm merged into the "
+             "convolutions); speed-up of the folded model = time before / "
+             "time after, of the medians (in parentheses, of the fastest "
+             "runs). The CIFAR-10 model puts batch norm after the ReLU, as "
+             "the article does: nothing folds, and its \"folded\" copy "
+             "only swaps in Keras's layer. Regenerate with `nice python "
+             "benchmarks/bench_models.py --fold`.", ""]
+    header = ["backend", "model", "batch x steps", "keras_bn /s", "keras /s",
+              "folded /s", "speed-up vs keras_bn", "speed-up vs keras",
+              "BN folded", "max diff / output scale"]
+    rows, machines = [], []
+    for path in paths:
+        result = json.loads(path.read_text())
+        m = result["machine"]
+        backend = m["backend"]
+        machines.append(
+            f"- {backend} ({path.name}): {m.get('device')} / {m['cpu']} "
+            f"({m['cpu_count']} cores), keras {m.get('keras')}, {backend} "
+            f"{m.get(backend)}, {m['date']}, median of {result['repeats']}.")
+        for row in result["rows"]:
+            thr = row["samples_per_s"]
+            up, up_min = row["folded_speedup"], row["folded_speedup_of_min"]
+            rows.append([
+                backend, row["model"],
+                f"{row['batch_size']} x {row['steps']}",
+                *(f"{thr[v]:.0f}" for v in FOLD_VARIANTS),
+                *(f"{up[v]:.2f}x ({up_min[v]:.2f}x)" for v in up),
+                f"{row['bn_folded']} of {row['bn_total']}",
+                f"{row['max_rel_diff']:.1e}",
+            ])
+    return parts + [common.markdown_table(header, rows), "", *machines, ""]
+
+
 def render(results_dir: Path) -> str:
     parts = ["# bench_models results", "",
              "Training throughput (samples/s, median) of the articles' "
@@ -156,13 +284,14 @@ def render(results_dir: Path) -> str:
                     target,
                 ])
     parts += [common.markdown_table(header, rows), "", *machines, ""]
-    return "\n".join(parts)
+    return "\n".join(parts + render_fold(results_dir))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", default=",".join(common.BACKENDS))
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=None,
+                        help="default: MODELS (FOLD_MODELS with --fold)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=0,
                         help="batches per timed epoch (default: per model)")
@@ -170,15 +299,18 @@ def main(argv=None):
                         choices=("auto", "true", "false"))
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     common.add_steady_malloc_option(parser)
+    parser.add_argument("--fold", action="store_true",
+                        help="inference before and after keras_bn.fold")
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
+    args.models = [m for m in (args.models or ",".join(
+        FOLD_MODELS if args.fold else MODELS)).split(",") if m]
 
     if args.child:
         common.quiet_logs()
-        common.emit(child(args.child, args))
+        common.emit((fold_child if args.fold else child)(args.child, args))
         return
     if not args.render:
         backends = [b for b in args.backends.split(",") if b]
@@ -186,9 +318,14 @@ def main(argv=None):
         results = common.run_children(
             __file__, backends,
             ["--models", ",".join(args.models), "--repeats", str(args.repeats),
-             "--steps", str(args.steps), "--jit-compile", args.jit_compile],
+             "--steps", str(args.steps), "--jit-compile", args.jit_compile,
+             *(["--fold"] if args.fold else [])],
             env)
         for backend, result in results.items():
+            if args.fold:
+                common.write_results("bench_models_fold", backend, result,
+                                     args.out)
+                continue
             result["malloc"] = malloc
             suffix = ("" if args.jit_compile == "auto" else
                       f"_jit_{args.jit_compile}") + malloc_suffix
