@@ -25,7 +25,10 @@ compiled memory analysis under JAX (temporaries + outputs).
 
 TensorFlow steps run in `tf.function` (graph mode; with `--tf-xla`, a
 separate run compiles every candidate with `jit_compile=True`, as
-`model.fit` does with a GPU), JAX steps under `jax.jit`, PyTorch eagerly.
+`model.fit` does with a GPU), JAX steps under `jax.jit`, PyTorch eagerly
+(with `--torch-compile`, a separate run times keras_bn, Keras's layer and
+the native kernel with each forward under `torch.compile`, Inductor, as
+`model.fit` does with `jit_compile=True`; the backward is AOTAutograd's).
 The native kernels do not update moving
 statistics in training (TF) or do it inside the kernel (torch), so the
 comparison is conservative for keras_bn. Timings are medians of `--repeats`
@@ -45,6 +48,8 @@ benchmarks/results/bench_layer.md):
     nice python benchmarks/bench_layer.py --backends torch --repeats 20
     nice python benchmarks/bench_layer.py --tf-xla        # TensorFlow + XLA
     nice python benchmarks/bench_layer.py --steady-malloc # caching allocator
+    nice python benchmarks/bench_layer.py --torch-compile --no-memory \
+        --shapes '128,32,32,64;1024,4096' --dtypes float32  # torch.compile
     python benchmarks/bench_layer.py --render            # tables only
 """
 
@@ -64,6 +69,10 @@ DTYPES = ("float32", "bfloat16")
 CASES = ("keras_bn", "keras_bn_fused", "keras_bn_ref", "keras", "native",
          "native_layer", "copy")
 LAYERS = CASES[:4]
+# Under torch.compile keras_bn's fused and reference settings trace the same
+# ops (the fast paths' host-side checks would break the graph), so only the
+# default is timed, against Keras's layer and the kernel.
+COMPILE_CASES = ("keras_bn", "keras", "native")
 # keras_bn's `fused` argument per case.
 FUSED = {"keras_bn": None, "keras_bn_fused": True, "keras_bn_ref": False}
 EPSILON = 1e-3
@@ -197,12 +206,17 @@ class _TensorFlow(_Backend):
 
 
 class _Torch(_Backend):
-    def __init__(self):
+    def __init__(self, compile=False):
         super().__init__()
         import torch
 
         self.torch = torch
         self.gpu = torch.cuda.is_available()
+        self.compile = compile
+        if compile:
+            # One graph per candidate and mode: more than the default cache
+            # of 8 per code object (the candidates share the lambdas below).
+            torch._dynamo.config.cache_size_limit = 64
 
     def sync(self, result=None):
         if self.gpu:
@@ -224,6 +238,8 @@ class _Torch(_Backend):
         return train
 
     def forward_steps(self, forward, x, dy, params):
+        if self.compile:
+            forward = self.torch.compile(forward)
         train = self._grad_step(lambda x: forward(x, True), x, dy, params)
 
         def infer():
@@ -346,6 +362,8 @@ BACKEND_CLASSES = {"tensorflow": _TensorFlow, "torch": _Torch, "jax": _Jax}
 def _make_backend(backend, args):
     if backend == "tensorflow":
         return _TensorFlow(jit_compile=args.tf_xla)
+    if backend == "torch":
+        return _Torch(compile=args.torch_compile)
     return BACKEND_CLASSES[backend]()
 
 
@@ -364,12 +382,19 @@ def _inputs(bk, shape, dtype):
 def _steps(bk, shape, dtype):
     """{case: (train, infer)} for one shape and dtype."""
     x, dy = _inputs(bk, shape, dtype)
+    compiled = getattr(bk, "compile", False)
+    if compiled:
+        bk.torch._dynamo.reset()  # no dynamic-shape graphs from the last shape
     steps = {}
     for case in LAYERS:
-        steps[case] = bk.layer_steps(bk.layer(case, dtype), x, dy)
-    steps.update(bk.native_steps(x, dy))
-    copy = bk.copy_step(x)
-    steps["copy"] = (copy, copy)
+        if not compiled or case in COMPILE_CASES:
+            steps[case] = bk.layer_steps(bk.layer(case, dtype), x, dy)
+    native = bk.native_steps(x, dy)
+    steps.update({k: v for k, v in native.items()
+                  if not compiled or k in COMPILE_CASES})
+    if not compiled:
+        copy = bk.copy_step(x)
+        steps["copy"] = (copy, copy)
     return steps
 
 
@@ -483,6 +508,7 @@ def render(results_dir: Path) -> str:
              "docstring for the variants).", ""]
     runs = [(b, b, b) for b in common.BACKENDS]
     runs.insert(1, ("tensorflow", "tensorflow_xla", "tensorflow (XLA)"))
+    runs.append(("torch", "torch_compile", "torch (torch.compile)"))
     runs += [(b, f"{b}_steady_malloc", f"{b} (--steady-malloc)")
              for b in common.BACKENDS]
     for backend, name, title in runs:
@@ -535,6 +561,10 @@ def main(argv=None):
     parser.add_argument("--tf-xla", action="store_true",
                         help="TensorFlow only: jit_compile=True for every "
                         "candidate (results in bench_layer_tensorflow_xla)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="PyTorch only: keras_bn, keras and native "
+                        "under torch.compile (results in "
+                        "bench_layer_torch_compile)")
     common.add_steady_malloc_option(parser)
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
@@ -560,6 +590,9 @@ def main(argv=None):
         if args.tf_xla:
             backends = [b for b in backends if b == "tensorflow"]
             passthrough.append("--tf-xla")
+        if args.torch_compile:
+            backends = [b for b in backends if b == "torch"]
+            passthrough.append("--torch-compile")
         malloc, env, suffix = common.malloc_settings(args, backends)
         timings = common.run_children(__file__, backends, passthrough, env)
         memory = {} if args.no_memory else common.run_children(
@@ -571,7 +604,8 @@ def main(argv=None):
                 result["memory"] = memory[backend]
             result["malloc"] = malloc
             summarize(backend, result)
-            name = backend + ("_xla" if args.tf_xla else "") + suffix
+            name = backend + ("_xla" if args.tf_xla else "") + (
+                "_compile" if args.torch_compile else "") + suffix
             common.write_results("bench_layer", name, result, args.out)
     text = render(args.out)
     (args.out / "bench_layer.md").write_text(text + "\n")
