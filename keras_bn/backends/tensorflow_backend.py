@@ -253,6 +253,45 @@ def _xla_train(x, gamma, beta, epsilon):
     return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
 
+# Rows per partial sum in `_short_sums`: sums of deviations cancel (their
+# total is far below the total of their magnitudes), so their float32 sums
+# are kept short and the partial sums pooled by a matmul.
+_SHORT_ROWS = 128
+
+
+def _short_sums(t2d):
+    """Exact per-channel sums of `[rows, channels]` float32 data."""
+    import tensorflow as tf
+
+    channels = t2d.shape[-1]
+    pad = -tf.shape(t2d)[0] % _SHORT_ROWS
+    t2d = tf.pad(t2d, [[0, pad], [0, 0]])
+    partial = tf.reduce_sum(tf.reshape(t2d, (-1, _SHORT_ROWS, channels)), 1)
+    ones = tf.ones(tf.stack([1, tf.shape(partial)[0]]), tf.float32)
+    return tf.matmul(ones, partial)[0]
+
+
+def _affine_grads(x4, dy4, mean, var, epsilon):
+    """`(d gamma, d beta)` of `[rows, 1, 1, C]` data from short sums.
+
+    d gamma is `sum(dy * (x - m)) / std` for the exact mean `m`; `mean` is
+    a few float32 roundings off it, an error that shifts every xhat alike
+    and that `sum(dy)` multiplies (by thousands where `dy` has a mean of
+    its own). So `delta = mean(x - mean)` takes it out:
+    `sum(dy * (x - mean)) - delta * sum(dy)`.
+    """
+    import tensorflow as tf
+
+    channels = x4.shape[-1]
+    g = tf.reshape(tf.cast(dy4, tf.float32), (-1, channels))
+    dev = tf.reshape(tf.cast(x4, tf.float32), (-1, channels)) - mean
+    delta = _short_sums(dev) / tf.cast(tf.shape(dev)[0], tf.float32)
+    sum_dy = _short_sums(g)
+    dgamma = (_short_sums(g * dev) - delta * sum_dy) * tf.math.rsqrt(
+        var + epsilon)
+    return dgamma, sum_dy
+
+
 def _exact_train(x, gamma, beta, epsilon):
     """Channels-last training step with exact statistics (CPU kernels).
 
@@ -260,9 +299,10 @@ def _exact_train(x, gamma, beta, epsilon):
     are short); beyond, grouped statistics (`_group_moments`), then the
     output in one FusedBatchNormV3 inference pass with them. Backward:
     FusedBatchNormGradV3 with those statistics as its reserve spaces (the
-    CPU kernel's mean and biased variance); its own float32 sums of `dy` and
-    `dy * xhat` enter dx divided by the batch size, where their rounding no
-    longer shows (3e-7 on 57,600 values a channel).
+    CPU kernel's mean and biased variance). Its own float32 sums of `dy`
+    and `dy * xhat` enter dx divided by the batch size, where their rounding
+    no longer shows. They are also d beta and d gamma, which beyond
+    `_GROUP_ROWS` rows come from `_affine_grads` instead.
     """
     import tensorflow as tf
 
@@ -324,6 +364,12 @@ def _exact_train(x, gamma, beta, epsilon):
                     reserve_space_3=empty, epsilon=epsilon,
                     data_format="NHWC", is_training=True,
                 )[:3]
+                rows = xk.shape[0]
+                if rows is None or rows > _GROUP_ROWS:
+                    dscale, doffset = tf.cond(
+                        tf.shape(xk)[0] > _GROUP_ROWS,
+                        lambda: _affine_grads(xk, dyk, center, var, epsilon),
+                        lambda: (dscale, doffset))
                 return tf.cast(dx, x4.dtype), dscale, doffset
 
             return tf.cond(
