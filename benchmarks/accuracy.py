@@ -29,23 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
-JSON_PATH = os.path.join(RESULTS, "accuracy.json")
-MD_PATH = os.path.join(RESULTS, "accuracy.md")
-BACKENDS = ("tensorflow", "jax", "torch")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+JSON_PATH = common.RESULTS / "accuracy.json"
+MD_PATH = common.RESULTS / "accuracy.md"
+BACKENDS = common.BACKENDS
 DATASETS = ("mnist", "cifar10")
 MARGIN = {"mnist": 0.3, "cifar10": 1.0}  # accuracy points counted as noise
 
 
 def _worker(dataset: str, epochs: int, batch_size: int,
-            train_size: int | None, seed: int, out: str) -> None:
-    """Runs in a child process with KERAS_BACKEND set; writes one entry."""
+            train_size: int | None, seed: int) -> dict:
+    """Runs in a child process with KERAS_BACKEND set; returns one entry."""
     import keras
 
     from keras_bn import demo
@@ -76,40 +76,13 @@ def _worker(dataset: str, epochs: int, batch_size: int,
                             verbose=2, cosine_decay=True, order_seed=seed)
         entry["variants"][variant] = demo.result_dict(result)
     entry["load_average_end"] = os.getloadavg()
-    with open(out, "w") as f:
-        json.dump(entry, f)
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("keras", "tensorflow", "jax", "torch", "numpy"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _git_state() -> str:
-    """HEAD's commit, marked dirty if keras_bn/ had uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                              cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "keras_bn"],
-                               cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
+    entry["machine"] = common.machine(entry["backend"])
+    return entry
 
 
 def _load() -> dict:
-    if os.path.exists(JSON_PATH):
-        with open(JSON_PATH) as f:
-            return json.load(f)
+    if JSON_PATH.exists():
+        return json.loads(JSON_PATH.read_text())
     return {"runs": {}}
 
 
@@ -208,8 +181,7 @@ def format_markdown(report: dict) -> str:
 
 def _write_markdown(report: dict) -> None:
     markdown = format_markdown(report)
-    with open(MD_PATH, "w") as f:
-        f.write(markdown + "\n")
+    MD_PATH.write_text(markdown + "\n")
     print(markdown)
 
 
@@ -224,48 +196,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown-only", action="store_true",
                         help="rewrite accuracy.md from accuracy.json")
-    parser.add_argument("--worker", nargs=2, metavar=("DATASET", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        _worker(args.worker[0], args.epochs, args.batch_size,
-                args.train_size, args.seed, args.worker[1])
+    if args.child:
+        common.emit(_worker(args.datasets, args.epochs, args.batch_size,
+                            args.train_size, args.seed))
         return 0
 
-    os.makedirs(RESULTS, exist_ok=True)
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
     report = _load()
     if args.markdown_only:
         _write_markdown(report)
         return 0
-    report.update({"cpu_count": os.cpu_count(), "versions": _versions(),
-                   "platform": platform.platform()})
+    report["cpu_count"] = os.cpu_count()
     for backend in args.backends.split(","):
         for dataset in args.datasets.split(","):
             if backend not in BACKENDS or dataset not in DATASETS:
                 parser.error(f"unknown backend/dataset {backend}/{dataset}")
-            out = os.path.join(RESULTS, f".accuracy_{backend}_{dataset}.json")
-            env = dict(os.environ, KERAS_BACKEND=backend)
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            # PyTorch's OpenMP threads spin while waiting; on a CPU shared
-            # with other jobs that made epochs 10-30x slower.
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            cmd = [sys.executable, os.path.abspath(__file__),
-                   "--worker", dataset, out, "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size),
-                   "--seed", str(args.seed)]
+            child_args = ["--datasets", dataset, "--epochs", str(args.epochs),
+                          "--batch-size", str(args.batch_size),
+                          "--seed", str(args.seed)]
             if args.train_size:
-                cmd += ["--train-size", str(args.train_size)]
+                child_args += ["--train-size", str(args.train_size)]
             start = time.time()
-            subprocess.run(cmd, env=env, check=True)
-            with open(out) as f:
-                entry = json.load(f)
-            os.remove(out)
+            entry = common.run_children(__file__, [backend], child_args,
+                                        echo=True)[backend]
             entry["wall_seconds"] = round(time.time() - start, 1)
-            entry["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
-            entry["git"] = _git_state()
+            entry["git"] = entry["machine"]["git_commit"]
             report["runs"][f"{backend}/{dataset}"] = entry
-            with open(JSON_PATH, "w") as f:
-                json.dump(report, f, indent=1)
+            JSON_PATH.write_text(json.dumps(report, indent=1))
             _write_markdown(report)
     return 0
 

@@ -19,7 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-BACKENDS = ("tensorflow", "jax", "torch")
+# Importing keras_bn imports Keras (and its backend): keep TensorFlow quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from keras_bn._processes import BACKENDS  # noqa: F401 (the benchmarks' default)
+from keras_bn._processes import child_env
+
 # --steady-malloc: glibc's allocator serves every block below 1 GiB from the
 # heap and never trims it, so freed memory is reused without page faults, as
 # with a caching allocator (CUDA's, jemalloc, tcmalloc). By default glibc
@@ -37,25 +41,27 @@ def quiet_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def run_children(script: str, backends, extra_args, extra_env=None) -> dict:
+def run_children(script: str, backends, extra_args, extra_env=None,
+                 echo: bool = False) -> dict:
     """Runs `script --child` once per backend; returns {backend: result}.
 
-    Each child prints its result as one JSON line prefixed by `RESULT `.
+    Each child prints its result as one JSON line prefixed by `RESULT `;
+    with `echo`, its other output lines are shown as they come.
     """
     out = {}
     for backend in backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        # OpenMP threads that spin while waiting stall every parallel kernel
-        # for up to ~100 ms whenever another process holds the other core of
-        # a small shared machine: that measures the neighbours, not the
-        # kernels. Sleeping waits keep the comparison about the kernels.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        env.update((extra_env or {}).get(backend, {}))
+        env = child_env(backend, (extra_env or {}).get(backend))
         cmd = [sys.executable, script, "--child", backend, *extra_args]
         print(f"--- {backend}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not lines:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                text=True)
+        lines = []
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                lines.append(line)
+            elif echo:
+                print(line, end="", flush=True)
+        if proc.wait() or not lines:
             raise RuntimeError(f"{backend} child failed (rc={proc.returncode})")
         out[backend] = json.loads(lines[-1][len("RESULT "):])
     return out
@@ -132,14 +138,22 @@ def _memory_gib() -> float | None:
     return None
 
 
-def _git_commit() -> str | None:
+def git_state() -> str | None:
+    """HEAD's short commit, with `-dirty` if keras_bn/ or benchmarks/ have
+    uncommitted changes (the code measured is then not the commit)."""
     try:
-        return subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "keras_bn", "benchmarks/*.py"],
+            cwd=REPO, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("-dirty" if dirty else "")
 
 
 def machine(backend: str | None = None) -> dict:
@@ -152,7 +166,7 @@ def machine(backend: str | None = None) -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "memory_gib": _memory_gib(),
-        "git_commit": _git_commit(),
+        "git_commit": git_state(),
         "argv": sys.argv,
     }
     try:

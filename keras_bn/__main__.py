@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
-BACKENDS = ("tensorflow", "jax", "torch")
+from keras_bn._processes import BACKENDS
+from keras_bn._processes import run_python
 
 
 def _positive_int(text: str) -> int:
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KERAS_BACKEND") == args.backend:
             raise RuntimeError(f"KERAS_BACKEND={args.backend} is set but Keras "
                                f"runs {keras.backend.backend()}.")
-        env = dict(os.environ, KERAS_BACKEND=args.backend)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        return subprocess.call([sys.executable, "-m", "keras_bn", *argv],
-                               env=env)
+        return run_python(args.backend, ["-m", "keras_bn", *argv]).returncode
 
     from keras_bn import demo
 

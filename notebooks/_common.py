@@ -19,17 +19,18 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from keras_bn._processes import BACKENDS
+from keras_bn._processes import run_python
+
 HERE = pathlib.Path(__file__).resolve().parent
 QUICK_ENV = "KERAS_BN_QUICK"
 QUICK = os.environ.get(QUICK_ENV, "0") not in ("", "0")
-BACKENDS = ("tensorflow", "jax", "torch")
 # TensorFlow's C++ start-up log lines (absl), printed to stderr on import
 # even with TF_CPP_MIN_LOG_LEVEL=3.
 _TF_LOG_LINE = re.compile(
@@ -183,11 +184,10 @@ def on_backends(function: str, backends=BACKENDS, **kwargs) -> dict:
     """
     results = {}
     for backend in backends:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "_common.py"), "call", function,
-             json.dumps(kwargs)],
-            env=env, cwd=HERE, capture_output=True, text=True,
+        proc = run_python(
+            backend, [str(HERE / "_common.py"), "call", function,
+                      json.dumps(kwargs)],
+            cwd=HERE, capture_output=True, text=True,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{function}({kwargs}) failed on {backend}:\n"

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 
-BACKENDS = ("tensorflow", "jax", "torch")
+from keras_bn._processes import BACKENDS
+from keras_bn._processes import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,10 +27,7 @@ def main(argv: list[str]) -> int:
     totals = {"passed": 0, "failed": 0, "errors": 0}
     failed_backends = []
     for backend in BACKENDS:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        # Busy-waiting OpenMP threads make torch 10x slower as soon as another
-        # process (the distributed tests' workers) shares the cores.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env = child_env(backend)
         start = time.time()
         print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
         proc = subprocess.Popen(

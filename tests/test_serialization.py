@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -11,6 +9,8 @@ import numpy as np
 import pytest
 
 import keras_bn
+from keras_bn._processes import BACKENDS
+from keras_bn._processes import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_CONFIG = dict(
@@ -128,14 +128,13 @@ def test_keras_file_loads_on_the_other_backends(tmp_path):
     np.save(tmp_path / "x.npy", x)
     script = tmp_path / "load.py"
     script.write_text(OTHER_BACKEND_SCRIPT)
-    for backend in {"tensorflow", "jax", "torch"} - {keras.backend.backend()}:
-        env = dict(os.environ, KERAS_BACKEND=backend,
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for backend in set(BACKENDS) - {keras.backend.backend()}:
+        path = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         out = tmp_path / f"{backend}.npy"
-        result = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "m.keras"),
-             str(tmp_path / "x.npy"), str(out)],
-            env=env, capture_output=True, text=True, timeout=300)
+        result = run_python(
+            backend, [str(script), str(tmp_path / "m.keras"),
+                      str(tmp_path / "x.npy"), str(out)],
+            extra_env=path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         np.testing.assert_allclose(np.load(out), expected, atol=1e-5,
                                    err_msg=backend)

@@ -6,8 +6,6 @@ cross-backend test: `python tests/test_training.py step FOLDER`.
 """
 
 import functools
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +16,9 @@ import pytest
 from keras_bn import BatchNormalization
 from keras_bn import demo
 from keras_bn import models
+from keras_bn._processes import BACKENDS
+from keras_bn._processes import run_python
 
-BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _accuracy(model, x, y):
@@ -157,15 +156,11 @@ def one_step(mnist, cifar10, tmp_path_factory):
                         for w in model.weights})
     np.savez(folder / "batch.npz", **batch)
     stepped = {here: _train_one_step(folder)}
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch on a busy CPU
     for other in BACKENDS:
         if other == here:
             continue
-        env["KERAS_BACKEND"] = other
-        proc = subprocess.run(
-            [sys.executable, __file__, "step", str(folder)],
-            env=env, capture_output=True, text=True, timeout=300)
+        proc = run_python(other, [__file__, "step", str(folder)],
+                          capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         with np.load(folder / f"{other}.npz") as theirs:
             stepped[other] = dict(theirs)
