@@ -13,31 +13,14 @@ import pytest
 
 import keras_bn
 from keras_bn.convert import convert
+from tests.bn_models import all_layers as _all_layers
+from tests.bn_models import randomize_bn as _randomize_bn
 
 _KERAS_BN = keras.layers.BatchNormalization
 
 
 def _np(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _all_layers(model):
-    return model._flatten_layers(include_self=False)
-
-
-def _randomize_bn(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in _all_layers(model):
-        if isinstance(layer, (_KERAS_BN, keras_bn.BatchNormalization)):
-            for variable, low, high in (
-                (layer.moving_mean, -1.0, 1.0),
-                (layer.moving_variance, 0.3, 3.0),
-                (layer.gamma, 0.5, 1.5),
-                (layer.beta, -0.5, 0.5),
-            ):
-                if variable is not None:  # center=False / scale=False
-                        variable.assign(rng.uniform(low, high, variable.shape)
-                                    .astype(variable.dtype))
 
 
 def _count(model, cls):

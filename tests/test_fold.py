@@ -18,42 +18,16 @@ import pytest
 
 import keras_bn
 from keras_bn.fold import FoldReport
+from tests.bn_models import BN_CLASSES as _BNS
+from tests.bn_models import all_layers as _layers
+from tests.bn_models import layer_paths as _paths
+from tests.bn_models import randomize_bn as _randomize_bn
 
 L = keras.layers
-_BNS = (L.BatchNormalization, keras_bn.BatchNormalization)
 
 
 def _np(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _layers(model):
-    """Every layer of `model`, nested models' layers included."""
-    return [layer for _, layer in _paths(model)]
-
-
-def _paths(model, prefix=""):
-    """`(path, layer)` of every layer, e.g. `("inner/bn", layer)`."""
-    for layer in model.layers:
-        yield prefix + layer.name, layer
-        if isinstance(layer, keras.Model):
-            yield from _paths(layer, f"{prefix}{layer.name}/")
-
-
-def _randomize_bn(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in _layers(model):
-        if isinstance(layer, _BNS):
-            for variable, low, high in (
-                (layer.moving_mean, -1.0, 1.0),
-                (layer.moving_variance, 0.3, 3.0),
-                (layer.gamma, 0.5, 1.5),
-                (layer.beta, -0.5, 0.5),
-            ):
-                if variable is not None:  # center=False / scale=False
-                    variable.assign(rng.uniform(low, high, variable.shape)
-                                    .astype(variable.dtype))
-    return model
 
 
 def _bn_count(model):
