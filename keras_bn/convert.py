@@ -9,8 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
-# Not exported by Keras; the class `keras.models.clone_model` rebuilds.
-from keras.src.models.functional import Functional
+from keras_bn import _compat
+from keras_bn._compat import Functional
 
 from keras_bn.layers import BatchNormalization
 
@@ -180,7 +180,7 @@ class _Converter:
     @staticmethod
     def _check_no_hidden_bn(layer):
         hidden = [
-            inner.name for inner in layer._flatten_layers(include_self=False)
+            inner.name for inner in _compat.flatten_layers(layer, False)
             if isinstance(inner, (keras.layers.BatchNormalization,
                                   BatchNormalization))
         ]

@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops
 
 # Not exported by Keras; the class of functional models.
-from keras.src.models.functional import Functional
+from keras_bn._compat import Functional
 
 from keras_bn.convert import _Converter
 from keras_bn.convert import keras_layer_config

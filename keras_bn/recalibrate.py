@@ -12,7 +12,8 @@ import numpy as np
 from keras import ops
 
 from keras_bn import _validation as check
-from keras_bn import statistics
+from keras_bn import _compat
+from keras_bn import moments
 from keras_bn.layers import BatchNormalization
 
 _BN_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
@@ -154,9 +155,9 @@ def recalibrate(
 
 
 def _bn_layers(model) -> list:
-    # `_flatten_layers` is what `Model.layers` itself walks; recursive and
-    # de-duplicated, so nested models and shared layers are covered.
-    return [layer for layer in model._flatten_layers(include_self=True)
+    # Recursive and de-duplicated: nested models, wrappers and shared
+    # layers are covered.
+    return [layer for layer in _compat.flatten_layers(model)
             if isinstance(layer, _BN_TYPES)]
 
 
@@ -178,11 +179,11 @@ class _hooked:
 
     def __enter__(self):
         for layer in self.layers:
-            layer.__dict__["call"] = self._hook(layer, layer.call)
+            _compat.shadow_call(layer, self._hook(layer, layer.call))
 
     def __exit__(self, *exc_info):
         for layer in self.layers:
-            layer.__dict__.pop("call", None)
+            _compat.unshadow_call(layer)
 
     def _hook(self, layer, original):
         collector = self.collector
@@ -263,12 +264,12 @@ class _Collector:
         weights = _mask_weights(layer, x, mask)
         count, mean, m2 = (
             ops.reshape(t, layer.moving_mean.shape)
-            for t in statistics.moments(x, layer._reduction_axes, weights)
+            for t in moments.moments(x, _compat.reduction_axes(layer), weights)
         )
         if layer in self.pooled:
             old_count, old_mean, old_m2 = self.pooled[layer]
             # Pooled mean as an offset from the running one: small, exact.
-            count, delta, m2 = statistics.combine(
+            count, delta, m2 = moments.combine(
                 ops.stack([old_count, count]),
                 ops.stack([old_mean, mean]),
                 ops.zeros((2,) + tuple(mean.shape), mean.dtype),
@@ -292,7 +293,7 @@ def _mask_weights(layer, x, mask):
 def _assign(layer, pooled):
     count, mean, m2 = pooled
     variance = m2 / ops.maximum(count, 1.0)
-    ok = statistics.finite(count, mean, variance)
+    ok = moments.finite(count, mean, variance)
     if not bool(ops.all(ok)):
         bad = int(ops.sum(ops.cast(ops.logical_not(ok), "int32")))
         warnings.warn(f"recalibrate: {bad} channel(s) of layer "

@@ -47,7 +47,7 @@ def cross_replica(count, shift, delta, m2):
     """Global-batch statistics from each replica's `(count, shift, delta, m2)`.
 
     One collective gathers every replica's statistics; they are pooled with
-    `statistics.combine` relative to the local `shift`.
+    `moments.combine` relative to the local `shift`.
 
     Returns:
         `(count, delta, m2)` of the global batch (mean `shift + delta`).

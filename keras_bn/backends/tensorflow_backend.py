@@ -18,7 +18,7 @@ def cross_replica(count, shift, delta, m2):
     """
     import tensorflow as tf
 
-    from keras_bn import statistics
+    from keras_bn import moments
 
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -26,7 +26,7 @@ def cross_replica(count, shift, delta, m2):
     local = tf.stack([count, shift, delta, m2])[None]
     gathered = ctx.all_gather(local, axis=0)
     gathered = tf.reshape(gathered, [-1] + local.shape.as_list()[1:])
-    return statistics.combine(*tf.unstack(gathered, num=4, axis=1), shift=shift)
+    return moments.combine(*tf.unstack(gathered, num=4, axis=1), shift=shift)
 
 
 # ------------------------------------------------------------ fused kernels
@@ -64,16 +64,9 @@ def _declines(x) -> bool:
 
 
 def _in_xla():
-    import tensorflow as tf
+    from keras_bn import _compat
 
-    try:
-        from tensorflow.python.ops import control_flow_util
-
-        return control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        )
-    except (ImportError, AttributeError):  # private API moved: be safe.
-        return True
+    return _compat.tf_in_xla_context()
 
 
 def _as_4d(x, axis: int):
@@ -152,10 +145,10 @@ def _pool_groups(length, shifts, deltas, m2s, tail):
     `(count, center, delta, m2)`, the mean being `center + delta`."""
     import tensorflow as tf
 
-    from keras_bn import statistics
+    from keras_bn import moments
 
     n = tf.cast(length, tf.float32)
-    count, shift, delta, m2 = statistics.shifted_moments(
+    count, shift, delta, m2 = moments.shifted_moments(
         tf.cast(tail, tf.float32), (0,))
     counts = tf.concat([tf.fill(tf.shape(shifts), n), count], 0)
     shifts = tf.concat([shifts, shift], 0)
@@ -163,7 +156,7 @@ def _pool_groups(length, shifts, deltas, m2s, tail):
     m2s = tf.concat([m2s, m2], 0)
     # Pooled relative to the first group's mean: small, exact offsets.
     center = shifts[0]
-    total, delta, m2 = statistics.combine(counts, shifts, deltas, m2s,
+    total, delta, m2 = moments.combine(counts, shifts, deltas, m2s,
                                           shift=center)
     return total, center, delta, m2
 

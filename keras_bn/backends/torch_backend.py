@@ -2,6 +2,8 @@
 
 import weakref
 
+from keras_bn import _compat
+
 
 def num_replicas() -> int:
     import torch.distributed as dist
@@ -41,12 +43,12 @@ def cross_replica(count, shift, delta, m2):
     gloo included); per-rank batches may differ in size."""
     import torch
 
-    from keras_bn import statistics
+    from keras_bn import moments
 
     if num_replicas() == 1:
         return count, delta, m2
     gathered = _all_gather().apply(torch.stack([count, shift, delta, m2]))
-    return statistics.combine(*torch.unbind(gathered, dim=1), shift=shift)
+    return moments.combine(*torch.unbind(gathered, dim=1), shift=shift)
 
 
 # ------------------------------------------------------------ fused kernels
@@ -117,7 +119,8 @@ def _moving_mean_dominates(mean, variance, epsilon: float) -> bool:
     import torch
 
     try:
-        state = (mean._version, variance._version, epsilon)
+        state = (_compat.torch_version(mean), _compat.torch_version(variance),
+                 epsilon)
     except RuntimeError:  # inference-mode tensors keep no version
         state = None
     if state is None or torch.compiler.is_compiling():
@@ -189,7 +192,7 @@ def _grouped_moments(rows, groups):
     running = (None, None)
     if rows.dtype != torch.float32:
         running = torch.zeros(2, groups * c, device=rows.device).unbind()
-    mean, var = torch.batch_norm_update_stats(blocks, *running, 1.0)
+    mean, var = _compat.torch_batch_norm_update_stats(blocks, *running, 1.0)
     mean, var = mean.reshape(groups, c), var.reshape(groups, c)
     pooled = mean.mean(0)
     return pooled, (var + (mean - pooled) ** 2).mean(0)
@@ -252,7 +255,7 @@ def _rows_batch_norm():
             groups = ctx.groups
             # Per group: sum(dy) and sum(dy * (x - mean)), mean = the
             # channel's (save_invstd = 1); then summed over the groups.
-            _, sum_dyx, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            _, sum_dyx, sum_dy = _compat.torch_native_batch_norm_backward(
                 dy.reshape(n // groups, groups * c),
                 rows.reshape(n // groups, groups * c),
                 None, None, None, mean.repeat(groups),

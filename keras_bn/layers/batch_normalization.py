@@ -13,7 +13,7 @@ from keras import regularizers
 
 from keras_bn import _validation as check
 from keras_bn import backends
-from keras_bn import statistics
+from keras_bn import moments
 
 _DATA_FORMAT_AXIS = {"channels_last": -1, "channels_first": 1}
 
@@ -404,7 +404,7 @@ class BatchNormalization(keras.layers.Layer):
         if fused is None:
             return None
         outputs, mean, variance = fused
-        count = statistics.count_values(x, self._reduction_axes)
+        count = moments.count_values(x, self._reduction_axes)
         self._update_moving(count, mean, variance)
         return outputs
 
@@ -474,14 +474,14 @@ class BatchNormalization(keras.layers.Layer):
         if group is not None:
             x, weights = self._ghost_split(x, weights, group)
             axes = (1,) + tuple(a + 1 for a in axes if a != 0)
-        count, shift, delta, m2 = statistics.shifted_moments(x, axes, weights)
+        count, shift, delta, m2 = moments.shifted_moments(x, axes, weights)
         if self.synchronized and group is None:
             count, delta, m2 = backends.cross_replica(count, shift, delta, m2)
         variance = m2 / ops.maximum(count, 1.0)
         if group is None:
             pooled = (count, shift + delta, variance)
         else:
-            total, pooled_mean, _ = statistics.combine(count, shift, delta, m2)
+            total, pooled_mean, _ = moments.combine(count, shift, delta, m2)
             # The average of the groups' variances, not the pooled variance:
             # the spread between groups is not what ghost BN normalizes away.
             pooled = (total, pooled_mean, ops.sum(m2, 0) / ops.maximum(total, 1.0))
@@ -549,7 +549,7 @@ class BatchNormalization(keras.layers.Layer):
         )
         ok = None
         if self.skip_nonfinite_updates:
-            ok = statistics.finite(count, mean, variance)
+            ok = moments.finite(count, mean, variance)
         if self.renorm:
             self._update_renorm(mean, variance, ok)
         else:
