@@ -31,9 +31,10 @@ def cross_replica(count, shift, delta, m2):
 
 # ------------------------------------------------------------ fused kernels
 #
-# TensorFlow's CPU kernel sums in float32, so its mean is off by about 1e-5
-# of |mean| on large batches (and XLA's lowering forms E[x^2] - E[x]^2);
-# that error reaches the variance and the output relative to |mean| / std.
+# TensorFlow's CPU kernel sums in float32, so its mean is off by a multiple
+# of float32's rounding of |mean| on large batches (and XLA's lowering forms
+# E[x^2] - E[x]^2); that error reaches the variance and the output relative
+# to |mean| / std.
 # Where that ratio exceeds _MAX_MEAN_TO_STD (always, under XLA, where it is
 # free) the batch is normalized after subtracting a constant per-channel
 # shift: exact, since batch norm is shift invariant.
@@ -43,8 +44,9 @@ _MAX_MEAN_TO_STD = 8.0
 # so the shifted data has |mean| / std <= 8 whatever the input.
 _SHIFT_FRACTION = 64
 _FUSED_DTYPES = ("float16", "bfloat16", "float32")
-# On CPU the fused kernels cost ~0.2 ms per call whatever the size (oneDNN),
-# more than the reference path's few small ops below about this many values.
+# On CPU the fused kernels have a fixed cost per call (oneDNN's set-up),
+# more than the reference path's few small ops below about this many values
+# (benchmarks/bench_layer.py measures both).
 _MIN_FUSED_SIZE_CPU = 2**17
 
 
@@ -113,10 +115,11 @@ def _kernel_m2(variance, n):
 
 
 # The exact path's statistics: FusedBatchNormV3 sums each channel
-# sequentially in float32 (variance 3e-4 off on 131,072 ReLU activations,
-# 2e-6 on 4,096), so longer batches are cut into groups of at most this
-# many rows, pooled with Chan's formula. More rows per group means fewer,
-# wider groups: the kernel slows down beyond ~2,048 channels.
+# sequentially in float32, whose error grows with the number of rows, so
+# longer batches are cut into groups of at most this many rows (short
+# enough for 1e-5 of float64), pooled with Chan's formula. More rows per
+# group means fewer, wider groups, and the kernel slows down when it sees
+# thousands of channels.
 _GROUP_ROWS = 4096
 
 

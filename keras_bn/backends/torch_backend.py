@@ -54,11 +54,11 @@ def cross_replica(count, shift, delta, m2):
 # ------------------------------------------------------------ fused kernels
 #
 # ATen's channels-last batch-norm kernels (NHWC data, and 2-D inputs) sum
-# each channel sequentially in float32: on 57,600 ReLU activations a channel
-# the variance is 1e-4 off and dx 1e-3 off. The exact path therefore feeds
-# them groups of about _GROUP values (a free reshape of the rows into more
-# "channels"), pools the groups' statistics exactly (Chan et al.) and forms
-# dx from the pooled sums with two elementwise passes. ATen's contiguous
+# each channel sequentially in float32: on a conv layer's activations the
+# variance and dx drift far past 1e-5 of float64. The exact path therefore
+# feeds them groups of about _GROUP values (a free reshape of the rows into
+# more "channels"), pools the groups' statistics exactly (Chan et al.) and
+# forms dx from the pooled sums with two elementwise passes. ATen's contiguous
 # (channels-first) kernels reduce accurately and are used as they are.
 #
 # Where |mean| / std exceeds _MAX_MEAN_TO_STD the batch is normalized after
