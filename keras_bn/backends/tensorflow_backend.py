@@ -260,8 +260,9 @@ def _short_sums(t2d):
     import tensorflow as tf
 
     channels = t2d.shape[-1]
-    pad = -tf.shape(t2d)[0] % _SHORT_ROWS
-    t2d = tf.pad(t2d, [[0, pad], [0, 0]])
+    rows = t2d.shape[0]
+    if rows is None or rows % _SHORT_ROWS:  # a Pad op copies: only if needed
+        t2d = tf.pad(t2d, [[0, -tf.shape(t2d)[0] % _SHORT_ROWS], [0, 0]])
     partial = tf.reduce_sum(tf.reshape(t2d, (-1, _SHORT_ROWS, channels)), 1)
     ones = tf.ones(tf.stack([1, tf.shape(partial)[0]]), tf.float32)
     return tf.matmul(ones, partial)[0]
