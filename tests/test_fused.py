@@ -34,15 +34,16 @@ def spy(fused_calls, monkeypatch):
     TensorFlow's CPU fast path leaves small tensors to the reference path
     (it is faster there); the size floor is lifted so that the kernel runs
     on the small tensors of these tests. Its exact path pools groups of
-    rows beyond `_GROUP_ROWS` rows (4096); lowered to 100 here, so that the
-    tests below over 100 rows take the grouped statistics, and the smaller
-    ones the kernel's own.
+    rows beyond `_KERNEL_GROUP_ROWS` rows (XLA's path beyond `_GROUP_ROWS`);
+    both lowered to 100 here, so that the tests below over 100 rows take
+    the grouped statistics, and the smaller ones the kernel's own.
     """
     if BACKEND == "tensorflow":
         from keras_bn.backends import tensorflow_backend
 
         monkeypatch.setattr(tensorflow_backend, "_MIN_FUSED_SIZE_CPU", 0)
         monkeypatch.setattr(tensorflow_backend, "_GROUP_ROWS", 100)
+        monkeypatch.setattr(tensorflow_backend, "_KERNEL_GROUP_ROWS", 100)
     return fused_calls
 
 
@@ -426,6 +427,7 @@ def test_tf_grouped_statistics_match_float64_for_any_batch(
     from keras_bn.backends import tensorflow_backend
 
     monkeypatch.setattr(tensorflow_backend, "_GROUP_ROWS", 4)
+    monkeypatch.setattr(tensorflow_backend, "_KERNEL_GROUP_ROWS", 4)
     rng = np.random.default_rng(13)
     shape = (rows, 5)
     x = (offset + rng.normal(size=shape)).astype("float32")

@@ -249,57 +249,25 @@ def _xla_train(x, gamma, beta, epsilon):
     return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
 
-# Rows per partial sum in `_short_sums`: sums of deviations cancel (their
-# total is far below the total of their magnitudes), so their float32 sums
-# are kept short and the partial sums pooled by a matmul.
-_SHORT_ROWS = 128
-
-
-def _short_sums(t2d):
-    """Exact per-channel sums of `[rows, channels]` float32 data."""
-    import tensorflow as tf
-
-    channels = t2d.shape[-1]
-    rows = t2d.shape[0]
-    if rows is None or rows % _SHORT_ROWS:  # a Pad op copies: only if needed
-        t2d = tf.pad(t2d, [[0, -tf.shape(t2d)[0] % _SHORT_ROWS], [0, 0]])
-    partial = tf.reduce_sum(tf.reshape(t2d, (-1, _SHORT_ROWS, channels)), 1)
-    ones = tf.ones(tf.stack([1, tf.shape(partial)[0]]), tf.float32)
-    return tf.matmul(ones, partial)[0]
-
-
-def _affine_grads(x4, dy4, mean, var, epsilon):
-    """`(d gamma, d beta)` of `[rows, 1, 1, C]` data from short sums.
-
-    d gamma is `sum(dy * (x - m)) / std` for the exact mean `m`; `mean` is
-    a few float32 roundings off it, an error that shifts every xhat alike
-    and that `sum(dy)` multiplies (by thousands where `dy` has a mean of
-    its own). So `delta = mean(x - mean)` takes it out:
-    `sum(dy * (x - mean)) - delta * sum(dy)`.
-    """
-    import tensorflow as tf
-
-    channels = x4.shape[-1]
-    g = tf.reshape(tf.cast(dy4, tf.float32), (-1, channels))
-    dev = tf.reshape(tf.cast(x4, tf.float32), (-1, channels)) - mean
-    delta = _short_sums(dev) / tf.cast(tf.shape(dev)[0], tf.float32)
-    sum_dy = _short_sums(g)
-    dgamma = (_short_sums(g * dev) - delta * sum_dy) * tf.math.rsqrt(
-        var + epsilon)
-    return dgamma, sum_dy
+# Rows per group of the exact path's statistics on CPU (`_exact_train`).
+# Its backward takes d gamma = sum(dy * xhat) from FusedBatchNormGradV3,
+# and an error in the mean shifts every xhat alike, an error that sum(dy)
+# multiplies (by thousands where dy has a mean of its own): groups this
+# short keep the mean within a rounding or two. Shorter groups are wider
+# (more channels) for the kernel, which costs time.
+_KERNEL_GROUP_ROWS = 256
 
 
 def _exact_train(x, gamma, beta, epsilon):
     """Channels-last training step with exact statistics (CPU kernels).
 
-    Forward: up to `_GROUP_ROWS` rows, FusedBatchNormV3 as it is (its sums
-    are short); beyond, grouped statistics (`_group_moments`), then the
-    output in one FusedBatchNormV3 inference pass with them. Backward:
-    FusedBatchNormGradV3 with those statistics as its reserve spaces (the
-    CPU kernel's mean and biased variance). Its own float32 sums of `dy`
-    and `dy * xhat` enter dx divided by the batch size, where their rounding
-    no longer shows. They are also d beta and d gamma, which beyond
-    `_GROUP_ROWS` rows come from `_affine_grads` instead.
+    Forward: up to `_KERNEL_GROUP_ROWS` rows, FusedBatchNormV3 as it is
+    (its sums are short); beyond, grouped statistics (`_group_moments`),
+    then the output in one FusedBatchNormV3 inference pass with them.
+    Backward: FusedBatchNormGradV3 with those statistics as its reserve
+    spaces (the CPU kernel's mean and biased variance); its own float32
+    sums of `dy` and `dy * xhat` enter dx divided by the batch size, where
+    their rounding no longer shows, and are d beta and d gamma.
     """
     import tensorflow as tf
 
@@ -316,7 +284,7 @@ def _exact_train(x, gamma, beta, epsilon):
 
     def grouped(x4):
         count, center, delta, m2 = _group_moments(
-            tf.reshape(x4, (-1, channels)), _GROUP_ROWS)
+            tf.reshape(x4, (-1, channels)), _KERNEL_GROUP_ROWS)
         mean = center + delta
         var = m2 / tf.maximum(count, 1.0)
         y = tf.raw_ops.FusedBatchNormV3(
@@ -327,8 +295,8 @@ def _exact_train(x, gamma, beta, epsilon):
     def forward(x4):
         rows = x4.shape[0]
         if rows is not None:
-            return (whole if rows <= _GROUP_ROWS else grouped)(x4)
-        return tf.cond(tf.shape(x4)[0] <= _GROUP_ROWS,
+            return (whole if rows <= _KERNEL_GROUP_ROWS else grouped)(x4)
+        return tf.cond(tf.shape(x4)[0] <= _KERNEL_GROUP_ROWS,
                        lambda: whole(x4), lambda: grouped(x4))
 
     @tf.custom_gradient
@@ -361,12 +329,6 @@ def _exact_train(x, gamma, beta, epsilon):
                     reserve_space_3=empty, epsilon=epsilon,
                     data_format="NHWC", is_training=True,
                 )[:3]
-                rows = xk.shape[0]
-                if rows is None or rows > _GROUP_ROWS:
-                    dscale, doffset = tf.cond(
-                        tf.shape(xk)[0] > _GROUP_ROWS,
-                        lambda: _affine_grads(xk, dyk, center, var, epsilon),
-                        lambda: (dscale, doffset))
                 return tf.cast(dx, x4.dtype), dscale, doffset
 
             return tf.cond(
