@@ -1,6 +1,7 @@
 """Runs the test suite once per Keras backend and fails if any backend fails.
 
 Usage: python tests/run_backends.py [pytest arguments...]
+(the whole of tests/ unless the arguments name test files or folders).
 Each backend runs in its own process (KERAS_BACKEND is fixed at import).
 """
 
@@ -23,6 +24,13 @@ def _count(pattern: str, text: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _targets(argv: list[str]) -> list[str]:
+    """`["tests"]` unless the arguments name test files or folders."""
+    named = any(os.path.exists(os.path.join(ROOT, a.split("::")[0]))
+                for a in argv if not a.startswith("-"))
+    return [] if named else ["tests"]
+
+
 def main(argv: list[str]) -> int:
     totals = {"passed": 0, "failed": 0, "errors": 0}
     failed_backends = []
@@ -31,8 +39,8 @@ def main(argv: list[str]) -> int:
         start = time.time()
         print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
-             *argv],
+            [sys.executable, "-m", "pytest", *_targets(argv), "-q", "-p",
+             "no:cacheprovider", *argv],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True,
         )
