@@ -26,10 +26,22 @@ and after `keras_bn.fold` (batch norm merged into the convolutions);
 the three run interleaved, and the ratios are of medians and of the
 fastest runs (results: bench_models_fold_<backend>.json).
 
+With `--small` it measures the small models, where a layer's cost is
+mostly the ops it asks of the framework (issue 17: never slower than
+Keras's layer): the three MNIST dense variants (`mnist_dense`'s article1,
+article2, article3; batch 128 of 784 inputs) and `tiny_conv` (16x16x8
+inputs, `Conv2D(8) -> BN -> ReLU -> GlobalAveragePooling2D -> Dense(10)`),
+with keras_bn's layer, Keras's layer and no BN, `--repeats` (default 7)
+interleaved `fit` epochs each. Each row gives ours / Keras's epoch time of
+the medians and of the fastest epochs, and the op counts of one BN call on
+that model's BN input (`bench_ops.op_counts`: TF graph ops, jaxpr
+equations, ATen dispatches; results: bench_models_small_<backend>.json).
+
 Rerun (writes benchmarks/results/bench_models_<backend>.json and
 benchmarks/results/bench_models.md):
 
     nice python benchmarks/bench_models.py
+    nice python benchmarks/bench_models.py --small
     nice python benchmarks/bench_models.py --fold --backends tensorflow
     nice python benchmarks/bench_models.py --backends torch --steady-malloc
     nice python benchmarks/bench_models.py --backends tensorflow --jit-compile false
@@ -45,14 +57,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_ops  # noqa: E402
 import common  # noqa: E402
 
 MODELS = {
     # name: (builder name, kwargs, input shape, batch size, steps)
     "cifar10_conv": ("cifar10_conv", {}, (32, 32, 3), 128, 30),
     "mnist_dense": ("mnist_dense", {"variant": "article3"}, (784,), 128, 200),
+    # --small
+    **{f"mnist_{v}": ("mnist_dense", {"variant": v}, (784,), 128, 200)
+       for v in ("article1", "article2", "article3")},
+    "tiny_conv": ("tiny_conv", {}, (16, 16, 8), 128, 100),
 }
+DEFAULT_MODELS = ("cifar10_conv", "mnist_dense")
+SMALL_MODELS = ("mnist_article1", "mnist_article2", "mnist_article3",
+                "tiny_conv")
 VARIANTS = ("keras_bn", "keras_bn_fused", "keras", "no_bn")
+SMALL_VARIANTS = ("keras_bn", "keras", "no_bn")
 FOLD_MODELS = {
     # name: (input shape, batch size, batches per timed run)
     "cifar10_conv": ((32, 32, 3), 256, 8),
@@ -63,6 +84,24 @@ BN_VARIANTS = VARIANTS[:3]
 TAX_TARGET = {"cifar10_conv": 0.15}
 
 
+def tiny_conv(batch_norm=True, norm_layer=None):
+    """`Conv2D(8, 3, same) -> BN -> ReLU -> GlobalAveragePooling2D ->
+    Dense(10, softmax)` on 16x16x8 inputs: BN on 128x16x16x8 per batch."""
+    import keras
+    from keras import layers
+
+    import keras_bn
+
+    blocks = [layers.Conv2D(8, 3, padding="same", name="conv")]
+    if batch_norm:
+        blocks.append((norm_layer or keras_bn.BatchNormalization)(
+            name="batch_norm"))
+    blocks += [layers.ReLU(name="relu"), layers.GlobalAveragePooling2D(
+        name="pool"), layers.Dense(10, activation="softmax", name="output")]
+    return keras.Sequential([keras.Input(MODELS["tiny_conv"][2]), *blocks],
+                            name="tiny_conv" + ("_bn" if batch_norm else ""))
+
+
 def _build(name, variant, jit_compile):
     import keras
 
@@ -70,17 +109,31 @@ def _build(name, variant, jit_compile):
     import keras_bn.models
 
     builder, kwargs, _, _, _ = MODELS[name]
+    builder = (tiny_conv if builder == "tiny_conv"
+               else getattr(keras_bn.models, builder))
     norm_layer = {
         "keras_bn": None,
         "keras_bn_fused": functools.partial(keras_bn.BatchNormalization,
                                             fused=True),
         "keras": keras.layers.BatchNormalization,
     }.get(variant)
-    model = getattr(keras_bn.models, builder)(
+    model = builder(
         batch_norm=variant != "no_bn", norm_layer=norm_layer, **kwargs)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
     return model
+
+
+def _bn_ops(backend, model, batch):
+    """Op counts of one BN call (ours, Keras's) on each distinct BN input
+    shape of `model`, with the number of BN layers of that shape."""
+    import keras_bn
+
+    shapes = [(batch, *layer.input.shape[1:]) for layer in model.layers
+              if isinstance(layer, keras_bn.BatchNormalization)]
+    return [{"shape": list(shape), "layers": shapes.count(shape),
+             **bench_ops.op_counts(backend, shape)}
+            for shape in dict.fromkeys(shapes)]
 
 
 def child(backend, args):
@@ -89,6 +142,8 @@ def child(backend, args):
 
     keras.utils.set_random_seed(0)
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    variants = SMALL_VARIANTS if args.small else VARIANTS
+    bn_variants = [v for v in variants if v != "no_bn"]
     rows = []
     for name in args.models:
         _, _, shape, batch, steps = MODELS[name]
@@ -96,9 +151,9 @@ def child(backend, args):
         rng = np.random.default_rng(0)
         x = rng.uniform(0.0, 1.0, (batch * steps,) + shape).astype("float32")
         y = rng.integers(0, 10, batch * steps)
-        fns = {}
-        for variant in VARIANTS:
-            model = _build(name, variant, jit)
+        fns, models = {}, {}
+        for variant in variants:
+            model = models[variant] = _build(name, variant, jit)
             model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch,
                       epochs=1, verbose=0)  # compiles
 
@@ -112,17 +167,26 @@ def child(backend, args):
         throughput = {v: samples / (t["median_ms"] / 1e3)
                       for v, t in times.items()}
         tax = {v: 1.0 - throughput[v] / throughput["no_bn"]
-               for v in BN_VARIANTS}
+               for v in bn_variants}
         # From each variant's fastest epoch: less sensitive to the load of
         # other processes on a shared machine.
         tax_of_min = {v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
-                      for v in BN_VARIANTS}
-        rows.append({"model": name, "batch_size": batch, "steps": steps,
-                     "times": times, "samples_per_s": throughput,
-                     "bn_tax": tax, "bn_tax_of_min": tax_of_min})
+                      for v in bn_variants}
+        row = {"model": name, "batch_size": batch, "steps": steps,
+               "times": times, "samples_per_s": throughput,
+               "bn_tax": tax, "bn_tax_of_min": tax_of_min}
+        message = "; BN tax " + ", ".join(f"{v}={tax[v]:.1%}"
+                                          for v in bn_variants)
+        if args.small:
+            row["vs_keras"] = {
+                stat: times["keras_bn"][f"{stat}_ms"]
+                / times["keras"][f"{stat}_ms"] for stat in ("median", "min")}
+            row["bn_ops"] = _bn_ops(backend, models["keras_bn"], batch)
+            message += "; time ours / Keras's: median {median:.3f}, best " \
+                "{min:.3f}".format(**row["vs_keras"])
+        rows.append(row)
         print(f"{backend} {name}: " + ", ".join(
-            f"{v}={throughput[v]:.0f}/s" for v in VARIANTS)
-            + "; BN tax " + ", ".join(f"{v}={tax[v]:.1%}" for v in BN_VARIANTS),
+            f"{v}={throughput[v]:.0f}/s" for v in variants) + message,
             file=sys.stderr, flush=True)
     return {"machine": common.machine(backend), "repeats": args.repeats,
             "jit_compile": args.jit_compile, "rows": rows}
@@ -202,6 +266,15 @@ def fold_child(backend, args):
             "rows": rows}
 
 
+def _machine_line(path: Path, result: dict, commit: bool = False) -> str:
+    m = result["machine"]
+    backend = m["backend"]
+    return (f"- {backend} ({path.name}): {m.get('device')} / {m['cpu']} "
+            f"({m['cpu_count']} cores), keras {m.get('keras')}, {backend} "
+            f"{m.get(backend)}, {m['date']}, median of {result['repeats']}"
+            + (f", commit {m.get('git_commit')}." if commit else "."))
+
+
 def render_fold(results_dir: Path) -> list[str]:
     paths = [p for b in common.BACKENDS
              for p in sorted(results_dir.glob(f"bench_models_fold_{b}*.json"))]
@@ -222,12 +295,8 @@ def render_fold(results_dir: Path) -> list[str]:
     rows, machines = [], []
     for path in paths:
         result = json.loads(path.read_text())
-        m = result["machine"]
-        backend = m["backend"]
-        machines.append(
-            f"- {backend} ({path.name}): {m.get('device')} / {m['cpu']} "
-            f"({m['cpu_count']} cores), keras {m.get('keras')}, {backend} "
-            f"{m.get(backend)}, {m['date']}, median of {result['repeats']}.")
+        backend = result["machine"]["backend"]
+        machines.append(_machine_line(path, result))
         for row in result["rows"]:
             thr = row["samples_per_s"]
             up, up_min = row["folded_speedup"], row["folded_speedup_of_min"]
@@ -238,6 +307,52 @@ def render_fold(results_dir: Path) -> list[str]:
                 *(f"{up[v]:.2f}x ({up_min[v]:.2f}x)" for v in up),
                 f"{row['bn_folded']} of {row['bn_total']}",
                 f"{row['max_rel_diff']:.1e}",
+            ])
+    return parts + [common.markdown_table(header, rows), "", *machines, ""]
+
+
+def render_small(results_dir: Path) -> list[str]:
+    paths = [p for b in common.BACKENDS
+             for p in sorted(results_dir.glob(f"bench_models_small_{b}*.json"))]
+    if not paths:
+        return []
+    parts = ["## Small models: ours against Keras's layer", "",
+             "`fit` epochs of the MNIST dense models (article1: Dense(256) "
+             "-> BN, article2: two Dense(64) -> BN, article3: Dense(128) -> "
+             "BN) and of a tiny conv net (16x16x8 inputs, Conv2D(8) -> BN -> "
+             "ReLU -> global average pooling -> Dense(10)), batch 128, "
+             "keras_bn's layer, Keras's layer and no BN interleaved. Epoch "
+             "time ours / Keras's, of the medians and of the fastest epochs "
+             "(target: <= 1 on both); samples/s are of the medians. Ops: one "
+             "BN call on the model's BN input, ours / Keras's (TensorFlow: "
+             "graph ops, JAX: jaxpr equations, PyTorch: ATen dispatches; "
+             "see bench_ops.md). Regenerate with `nice python "
+             "benchmarks/bench_models.py --small`.", ""]
+    header = ["backend", "jit_compile", "malloc", "model", "BN input",
+              "batch x steps",
+              "keras_bn /s", "keras /s", "no BN /s",
+              "time ours / Keras's: median", "best", "<= 1",
+              "ops train", "ops train+grad", "ops infer"]
+    rows, machines = [], []
+    for path in paths:
+        result = json.loads(path.read_text())
+        backend = result["machine"]["backend"]
+        machines.append(_machine_line(path, result, commit=True))
+        for row in result["rows"]:
+            thr, ratio = row["samples_per_s"], row["vs_keras"]
+            ops = row["bn_ops"]
+            rows.append([
+                backend, result["jit_compile"],
+                "steady" if result.get("malloc") else "default", row["model"],
+                ", ".join(f"{o['layers']} x "
+                          + "x".join(str(d) for d in o["shape"]) for o in ops),
+                f"{row['batch_size']} x {row['steps']}",
+                *(f"{thr[v]:.0f}" for v in SMALL_VARIANTS),
+                f"{ratio['median']:.3f}", f"{ratio['min']:.3f}",
+                "yes" if max(ratio.values()) <= 1 else "NO",
+                *(", ".join(f"{o['keras_bn'][k]} / {o['keras'][k]}"
+                            for o in ops)
+                  for k in ("train", "train+grad", "infer")),
             ])
     return parts + [common.markdown_table(header, rows), "", *machines, ""]
 
@@ -259,12 +374,7 @@ def render(results_dir: Path) -> str:
     for backend in common.BACKENDS:
         for path in sorted(results_dir.glob(f"bench_models_{backend}*.json")):
             result = json.loads(path.read_text())
-            m = result["machine"]
-            machines.append(
-                f"- {backend} ({path.name}): {m.get('device')} / {m['cpu']} "
-                f"({m['cpu_count']} cores), keras {m.get('keras')}, "
-                f"{backend} {m.get(backend)}, {m['date']}, median of "
-                f"{result['repeats']}.")
+            machines.append(_machine_line(path, result))
             for row in result["rows"]:
                 thr, tax = row["samples_per_s"], row["bn_tax"]
                 tax_min = row.get("bn_tax_of_min", {})
@@ -284,29 +394,39 @@ def render(results_dir: Path) -> str:
                     target,
                 ])
     parts += [common.markdown_table(header, rows), "", *machines, ""]
-    return "\n".join(parts + render_fold(results_dir))
+    return "\n".join(parts + render_small(results_dir)
+                     + render_fold(results_dir))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", default=",".join(common.BACKENDS))
     parser.add_argument("--models", default=None,
-                        help="default: MODELS (FOLD_MODELS with --fold)")
-    parser.add_argument("--repeats", type=int, default=5)
+                        help="default: DEFAULT_MODELS (SMALL_MODELS with "
+                        "--small, FOLD_MODELS with --fold)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds (default: 7 with --small, else 5)")
     parser.add_argument("--steps", type=int, default=0,
                         help="batches per timed epoch (default: per model)")
     parser.add_argument("--jit-compile", default="auto",
                         choices=("auto", "true", "false"))
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     common.add_steady_malloc_option(parser)
-    parser.add_argument("--fold", action="store_true",
-                        help="inference before and after keras_bn.fold")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--fold", action="store_true",
+                      help="inference before and after keras_bn.fold")
+    mode.add_argument("--small", action="store_true",
+                      help="the MNIST dense variants and a tiny conv net, "
+                      "ours against Keras's layer, with op counts")
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for m in (args.models or ",".join(
-        FOLD_MODELS if args.fold else MODELS)).split(",") if m]
+        FOLD_MODELS if args.fold else SMALL_MODELS if args.small
+        else DEFAULT_MODELS)).split(",") if m]
+    if args.repeats is None:
+        args.repeats = 7 if args.small else 5
 
     if args.child:
         common.quiet_logs()
@@ -319,7 +439,8 @@ def main(argv=None):
             __file__, backends,
             ["--models", ",".join(args.models), "--repeats", str(args.repeats),
              "--steps", str(args.steps), "--jit-compile", args.jit_compile,
-             *(["--fold"] if args.fold else [])],
+             *(["--fold"] if args.fold else []),
+             *(["--small"] if args.small else [])],
             env)
         for backend, result in results.items():
             if args.fold:
@@ -329,8 +450,9 @@ def main(argv=None):
             result["malloc"] = malloc
             suffix = ("" if args.jit_compile == "auto" else
                       f"_jit_{args.jit_compile}") + malloc_suffix
-            common.write_results("bench_models", backend + suffix, result,
-                                 args.out)
+            common.write_results(
+                "bench_models_small" if args.small else "bench_models",
+                backend + suffix, result, args.out)
     text = render(args.out)
     (args.out / "bench_models.md").write_text(text + "\n")
     print(text)

@@ -164,19 +164,33 @@ def _torch_counts(layer, x):
     return counts, {"train": train, "train+grad": train_grad, "infer": infer}
 
 
-def child(backend: str, repeats: int) -> dict:
+def counts_and_calls(backend: str, name: str, shape) -> tuple[dict, dict]:
+    """`(op counts, zero-argument calls)` of one call of layer `name`
+    (`LAYERS`) on a float32 input of `shape`: counts per call kind
+    (`train`, `train+grad`, `infer`, and `grad` = their difference), and
+    the same calls to time."""
     import keras
     import numpy as np
 
-    counters = {"tensorflow": _tf_counts, "jax": _jax_counts,
-                "torch": _torch_counts}[backend]
+    counter = {"tensorflow": _tf_counts, "jax": _jax_counts,
+               "torch": _torch_counts}[backend]
+    x = np.random.default_rng(0).normal(2.0, 1.0, shape).astype("float32")
+    keras.utils.set_random_seed(0)
+    return counter(_layer(name, tuple(shape)), x)
+
+
+def op_counts(backend: str, shape) -> dict:
+    """`{layer name: op counts}` of one call on an input of `shape`, for
+    each of `LAYERS` (see `counts_and_calls`)."""
+    return {name: counts_and_calls(backend, name, shape)[0] for name in LAYERS}
+
+
+def child(backend: str, repeats: int) -> dict:
     rows = []
     for shape_name, shape in SHAPES.items():
-        x = np.random.default_rng(0).normal(2.0, 1.0, shape).astype("float32")
         fns, counts = {}, {}
         for name in LAYERS:
-            keras.utils.set_random_seed(0)
-            counts[name], calls = counters(_layer(name, shape), x)
+            counts[name], calls = counts_and_calls(backend, name, shape)
             fns.update({f"{name}/{k}": v for k, v in calls.items()})
         times = common.time_interleaved(fns, repeats=repeats, warmup=3)
         for kind in ("train", "train+grad", "infer"):
