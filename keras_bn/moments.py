@@ -16,11 +16,18 @@ from collections.abc import Sequence
 from keras import ops
 
 
-def count_values(x, axes: Sequence[int]):
-    """Number of values per reduced slice, as a float32 scalar."""
+def static_count(x, axes: Sequence[int]) -> float | None:
+    """Number of values per reduced slice as a Python float, or None where
+    a dimension is only known when the call runs."""
     static = [x.shape[a] for a in axes]
-    if all(d is not None for d in static):
-        return ops.convert_to_tensor(float(math.prod(static)), "float32")
+    return None if None in static else float(math.prod(static))
+
+
+def count_values(x, axes: Sequence[int]):
+    """Number of values per reduced slice, as a float32 scalar tensor."""
+    count = static_count(x, axes)
+    if count is not None:
+        return ops.convert_to_tensor(count, "float32")
     # Dynamic dimensions (symbolic batch size under tf.function).
     shape = ops.shape(x)
     n = ops.convert_to_tensor(1.0, "float32")
@@ -29,7 +36,7 @@ def count_values(x, axes: Sequence[int]):
     return n
 
 
-def _blocked_sum(x, axes: Sequence[int]):
+def _blocked_sum(x, axes: Sequence[int], keepdims: bool):
     """Sum over `axes`, one axis at a time.
 
     Partial sums keep the rounding error of long float32 sums small on
@@ -38,18 +45,21 @@ def _blocked_sum(x, axes: Sequence[int]):
     layer's channel holds tens of thousands of values.
     """
     first, *rest = sorted(axes, reverse=True)
-    x = ops.sum(x, axis=first, keepdims=True)
-    for a in rest:
+    x = ops.sum(x, axis=first, keepdims=keepdims)
+    for a in rest:  # all before `first`: unmoved by dropping it
         # The partial sums are pooled by a contraction, not by another
         # reduction: XLA (TensorFlow's) merges chained reductions into one
         # long sequential float32 sum again.
         size = x.shape[a] if x.shape[a] is not None else ops.shape(x)[a]
         ones = ops.ones((size,), x.dtype)
-        x = ops.expand_dims(ops.tensordot(x, ones, axes=([a], [0])), a)
+        x = ops.tensordot(x, ones, axes=([a], [0]))
+        if keepdims:
+            x = ops.expand_dims(x, a)
     return x
 
 
-def shifted_moments(x, axes: Sequence[int], weights=None):
+def shifted_moments(x, axes: Sequence[int], weights=None,
+                    keepdims: bool = True):
     """Count, shift, mean offset and centered sum of squares of `x`.
 
     The corrected two-pass algorithm: a first mean `shift` (held constant
@@ -66,38 +76,49 @@ def shifted_moments(x, axes: Sequence[int], weights=None):
         axes: Axes to reduce over.
         weights: Optional 0/1 tensor broadcastable to `x`; zero entries are
             left out of the statistics.
+        keepdims: Keep the reduced axes as size 1. `False` only where the
+            remaining axes are the trailing ones (channels last), so that
+            the statistics still broadcast against `x`.
 
     Returns:
-        `(count, shift, delta, m2)`, each with the reduced axes kept as size
-        1. A slice with no values has `count == 0` and zero statistics (so
-        that gradients stay finite); `finite()` flags it.
+        `(count, shift, delta, m2)`. Without weights and with every reduced
+        dimension known, `count` is a Python float; otherwise a tensor like
+        the others. A slice with no values has `count == 0` and zero
+        statistics (so that gradients stay finite); `finite()` flags it.
     """
     axes = tuple(axes)
+    present = None
     if weights is None:
-        count = ops.cast(count_values(x, axes), x.dtype)
-        present = None
+        count = static_count(x, axes)
+        if count is None:
+            count = ops.cast(count_values(x, axes), x.dtype)
     else:
         weights = ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x))
-        count = ops.sum(weights, axis=axes, keepdims=True)
+        count = ops.sum(weights, axis=axes, keepdims=keepdims)
         # Masked-out entries may hold NaN/Inf: select, never multiply them.
         present = weights > 0
         x = ops.where(present, x, ops.zeros_like(x))
-    safe = ops.maximum(count, 1.0)
-    shift = ops.stop_gradient(_blocked_sum(x, axes) / safe)
+    static = isinstance(count, float)
+    safe = max(count, 1.0) if static else ops.maximum(count, 1.0)
+    shift = ops.stop_gradient(_blocked_sum(x, axes, keepdims) / safe)
     d = x - shift
     if present is not None:
         d = ops.where(present, d, ops.zeros_like(d))
-    s1 = _blocked_sum(d, axes)
-    s2 = _blocked_sum(ops.square(d), axes)
+    s1 = _blocked_sum(d, axes, keepdims)
+    s2 = _blocked_sum(ops.square(d), axes, keepdims)
     delta = s1 / safe
-    m2 = ops.maximum(s2 - s1 * delta, 0.0)
-    count = ops.broadcast_to(count, ops.shape(shift))
+    # relu, not maximum(., 0.0): Keras's torch backend makes that float32.
+    m2 = ops.relu(s2 - s1 * delta)
+    if not static:
+        count = ops.broadcast_to(count, ops.shape(shift))
     return count, shift, delta, m2
 
 
 def moments(x, axes: Sequence[int], weights=None):
     """`(count, mean, m2)` of `x` over `axes`; see `shifted_moments`."""
     count, shift, delta, m2 = shifted_moments(x, axes, weights)
+    if isinstance(count, float):
+        count = ops.full_like(m2, count)
     return count, shift + delta, m2
 
 
@@ -129,8 +150,16 @@ def combine(counts, shifts, deltas, m2s, shift=0.0, axis: int = 0):
 
 
 def finite(count, mean, variance):
-    """Per channel: True where the statistics can update moving averages."""
-    return ops.logical_and(
-        count > 0,
-        ops.logical_and(ops.isfinite(mean), ops.isfinite(variance)),
-    )
+    """Per channel: True where the statistics can update moving averages.
+
+    `mean=None` checks the variance alone: where the statistics come from
+    `shifted_moments`, a non-finite value or an overflowing sum reaches
+    every deviation and so the variance. A Python `count` is known to be
+    positive or not without an op.
+    """
+    ok = ops.isfinite(variance)
+    if mean is not None:
+        ok = ops.logical_and(ops.isfinite(mean), ok)
+    if isinstance(count, float):
+        return ok if count > 0 else ops.zeros_like(ok)
+    return ops.logical_and(count > 0, ok)

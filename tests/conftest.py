@@ -22,19 +22,19 @@ def _seed():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """`(name, ran)` for every call of `backends.fused_train` /
-    `fused_infer` while the test runs: which fast paths ran, and which
-    declined (returned None)."""
-    from keras_bn import backends
+    """`(name, ran)` for every backend kernel a layer call tried while the
+    test runs (`"fused_train"` / `"fused_infer"`; `ran` is False where the
+    kernel handed the call back to the reference path)."""
+    from keras_bn.layers.batch_normalization import BatchNormalization
 
     calls = []
-    for name in ("fused_train", "fused_infer"):
-        original = getattr(backends, name)
+    original = BatchNormalization._run_kernel
 
-        def wrapper(*args, _original=original, _name=name, **kwargs):
-            result = _original(*args, **kwargs)
-            calls.append((_name, result is not None))
-            return result
+    def wrapper(self, kernel, x, training):
+        result = original(self, kernel, x, training)
+        calls.append(("fused_train" if training else "fused_infer",
+                      result is not None))
+        return result
 
-        monkeypatch.setattr(backends, name, wrapper)
+    monkeypatch.setattr(BatchNormalization, "_run_kernel", wrapper)
     return calls

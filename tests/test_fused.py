@@ -7,7 +7,7 @@ inputs on CPU outside XLA); the kernels as they are run only when asked for
 (`fused=True`: their float32 sums are less exact on long reductions, see
 test_default_training_is_exact_on_long_reductions); inference kernels run
 by default. A spy on
-`keras_bn.backends.fused_*` makes sure the fast path actually ran (or, for
+`BatchNormalization._run_kernel` makes sure the fast path actually ran (or, for
 the cases it must decline, that it did not), so that no comparison here is
 the reference path against itself. Hand-computed values and the float64
 NumPy reference (tests/reference.py) pin down the variance convention and
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import keras_bn
-from keras_bn import backends
+from keras_bn import paths
 from tests import reference as ref
 from tests.autodiff import call_with_grads
 
@@ -29,7 +29,7 @@ EPS = 1e-3
 
 @pytest.fixture
 def spy(fused_calls, monkeypatch):
-    """`fused_calls` (per call of `backends.fused_*`, whether it ran).
+    """`fused_calls` (per kernel call, whether it ran).
 
     TensorFlow's CPU fast path leaves small tensors to the reference path
     (it is faster there); the size floor is lifted so that the kernel runs
@@ -41,7 +41,7 @@ def spy(fused_calls, monkeypatch):
     if BACKEND == "tensorflow":
         from keras_bn.backends import tensorflow_backend
 
-        monkeypatch.setattr(tensorflow_backend, "_MIN_FUSED_SIZE_CPU", 0)
+        monkeypatch.setattr(paths, "TF_MIN_KERNEL_SIZE_CPU", 0)
         monkeypatch.setattr(tensorflow_backend, "_GROUP_ROWS", 100)
         monkeypatch.setattr(tensorflow_backend, "_KERNEL_GROUP_ROWS", 100)
     return fused_calls
@@ -330,16 +330,15 @@ def test_tf_small_tensors_take_the_reference_path_on_cpu():
 
     if tensorflow_backend._has_gpu():
         pytest.skip("the size floor applies on CPU only")
-    floor = tensorflow_backend._MIN_FUSED_SIZE_CPU
+    floor = paths.TF_MIN_KERNEL_SIZE_CPU
     small = keras.ops.zeros((floor // 64 - 1, 64))
     large = keras.ops.zeros((floor // 64, 64))
-    mean, variance = keras.ops.zeros((64,)), keras.ops.ones((64,))
-    assert backends.fused_train(small, None, None, EPS, 1,
-                                exact=False) is None
-    assert backends.fused_infer(small, mean, variance, None, None, EPS,
-                                1) is None
-    assert backends.fused_train(large, None, None, EPS, 1,
-                                exact=False) is not None
+    layer = keras_bn.BatchNormalization(axis=1, fused=True)
+    for training in (True, False):
+        path = layer.which_path(small, training=training)
+        assert path.name == "reference", path
+        assert "fewer than" in dict(path.declined)["kernel"], path
+        assert layer.which_path(large, training=training).name == "kernel"
 
 
 @pytest.mark.skipif(BACKEND == "jax", reason="JAX has no float64 unless "

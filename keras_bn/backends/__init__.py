@@ -1,93 +1,101 @@
-"""What `keras.ops` cannot express, one small module per backend.
+"""What `keras.ops` cannot express: one module per backend, one contract.
 
-`num_replicas` and `cross_replica` deal with distributed steps; `fused_*`
-are the backends' own fused kernels.
+Each `keras_bn/backends/<name>_backend.py` implements `Backend` below
+(`tests/test_backends.py` checks it on every backend). The module is
+imported once, when this package is first imported under that backend,
+and looked up in a dict afterwards (torch.compile cannot trace
+`importlib`). Backends provide facts and kernels; `keras_bn.paths` decides
+which kernel, if any, runs.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Protocol
 
 import keras
 
 
-_MODULES = {}
+class Backend(Protocol):
+    """The contract of a backend module.
+
+    Attributes:
+        SEES_GLOBAL_BATCH: True where one layer call sees the whole global
+            batch (JAX under `keras.distribution`: the step is compiled
+            once over globally sharded arrays, so plain reductions already
+            give global-batch statistics).
+        TRAIN: `{path: kernel}` with
+            `kernel(x, gamma, beta, epsilon, axis) -> (y, mean, variance)`:
+            `x` float32 (or float16/bfloat16 when that is the compute
+            dtype), `gamma`/`beta` 1-D float32 or None, `axis` the single
+            non-negative feature axis; `y` in `x`'s dtype, `mean` and the
+            biased `variance` 1-D float32, gradients flowing to `x`, `gamma`
+            and `beta` only.
+        INFER: `{path: kernel}` with
+            `kernel(x, mean, variance, gamma, beta, epsilon, axis) -> y`,
+            or None to hand the call back to the reference path.
+    """
+
+    SEES_GLOBAL_BATCH: bool
+    TRAIN: Mapping[str, Callable]
+    INFER: Mapping[str, Callable]
+
+    def num_replicas(self) -> int:
+        """How many data-parallel replicas the current step runs on: the
+        replicas of the `tf.distribute` strategy whose replica context the
+        call is in, the batch shards of the active `keras.distribution`,
+        or the world size of `torch.distributed` (1 if none)."""
+
+    def cross_replica(self, count, shift, delta, m2):
+        """Global-batch `(count, delta, m2)` from each replica's
+        `(count, shift, delta, m2)`, pooled with `moments.combine` relative
+        to the local `shift` (mean `shift + delta`), differentiably."""
+
+    def context(self) -> dict:
+        """Facts of the current trace that `keras_bn.paths.Call` reads:
+        any of `gpu`, `xla` (TensorFlow tracing for XLA) and `compiling`
+        (torch.compile or torch.export tracing)."""
 
 
-def _module():
-    # Looked up in a dict after the first import: torch.compile cannot trace
-    # `importlib.import_module` (a graph break, and fullgraph=True fails).
+class _Reference:
+    """A backend without a module here (e.g. numpy): reference path only."""
+
+    SEES_GLOBAL_BATCH = False
+    TRAIN: Mapping[str, Callable] = {}
+    INFER: Mapping[str, Callable] = {}
+
+    @staticmethod
+    def num_replicas() -> int:
+        return 1
+
+    @staticmethod
+    def cross_replica(count, shift, delta, m2):
+        return count, delta, m2
+
+    @staticmethod
+    def context() -> dict:
+        return {}
+
+
+_MODULES: dict = {}
+
+
+def get() -> Backend:
+    """The module of the current Keras backend."""
     name = keras.backend.backend()
     module = _MODULES.get(name)
     if module is None:
-        module = _MODULES[name] = importlib.import_module(
-            f"keras_bn.backends.{name}_backend"
-        )
+        path = f"keras_bn.backends.{name}_backend"
+        try:
+            module = importlib.import_module(path)
+        except ModuleNotFoundError as error:
+            if error.name != path:
+                raise  # the module exists, something it imports does not
+            module = _Reference
+        _MODULES[name] = module
     return module
 
 
-def num_replicas() -> int:
-    """How many data-parallel replicas the current step runs on (1 if none).
-
-    TensorFlow: the replicas of the `tf.distribute` strategy in whose replica
-    context the layer is called. JAX: the batch shards of the active
-    `keras.distribution`. PyTorch: the world size of `torch.distributed`.
-    """
-    return _module().num_replicas()
-
-
-def replica_sees_global_batch() -> bool:
-    """True where one layer call sees the whole global batch (JAX under
-    `keras.distribution`: the step is compiled once over globally sharded
-    arrays, so plain reductions already give global-batch statistics)."""
-    return getattr(_module(), "SEES_GLOBAL_BATCH", False)
-
-
-def cross_replica(count, shift, delta, m2):
-    """Global-batch statistics from each replica's `(count, shift, delta, m2)`.
-
-    One collective gathers every replica's statistics; they are pooled with
-    `moments.combine` relative to the local `shift`.
-
-    Returns:
-        `(count, delta, m2)` of the global batch (mean `shift + delta`).
-    """
-    return _module().cross_replica(count, shift, delta, m2)
-
-
-def fused_train(inputs, gamma, beta, epsilon: float, axis: int,
-                exact: bool = True):
-    """The backend's fused training-mode batch norm, or None to decline.
-
-    Args:
-        inputs: The layer's input: float32, or float16/bfloat16 when that
-            is the layer's compute dtype (statistics stay float32).
-        gamma, beta: Per-channel float32 scale and offset (1-D), or None.
-        epsilon: Added to the variance.
-        axis: The single (non-negative) feature axis.
-        exact: Only a path as exact as the reference path (float32 sums
-            kept short); `False` also allows the backend's kernel as it is
-            (its float32 sums over the whole batch drift past 1e-5 on
-            long reductions on CPU).
-
-    Returns:
-        `(outputs, mean, variance)` with 1-D biased batch statistics, or
-        `None` to decline.
-    """
-    fn = getattr(_module(), "fused_train", None)
-    return None if fn is None else fn(inputs, gamma, beta, epsilon, axis,
-                                      exact)
-
-
-def fused_infer(inputs, mean, variance, gamma, beta, epsilon: float, axis: int):
-    """The backend's fused inference-mode batch norm, or None to decline."""
-    fn = getattr(_module(), "fused_infer", None)
-    if fn is None:
-        return None
-    return fn(inputs, mean, variance, gamma, beta, epsilon, axis)
-
-
-try:  # Imported now, so that the first layer call may be a compiled one.
-    _module()
-except ImportError:  # a backend without a module of its own here
-    pass
+get()  # Imported now, so that the first layer call may be a compiled one.

@@ -1,11 +1,26 @@
-"""tensorflow specifics: cross-replica statistics and fused kernels."""
+"""TensorFlow: replicas of `tf.distribute`, and the kernels.
+
+Kernels: `xla` (under `jit_compile=True`), `exact_kernel` and `kernel`
+(FusedBatchNormV3) in training, `kernel` in inference; `keras_bn.paths`
+decides which runs. TensorFlow's CPU kernel sums in float32, so its mean is
+off by a multiple of float32's rounding of |mean| on large batches (and
+XLA's lowering forms E[x^2] - E[x]^2); that error reaches the variance and
+the output relative to |mean| / std: the kernels shift where it dominates.
+"""
 
 import functools
 
+import tensorflow as tf
+
+from keras_bn import _compat
+from keras_bn import moments
+from keras_bn import paths
+from keras_bn.backends import _shared
+
+SEES_GLOBAL_BATCH = False
+
 
 def num_replicas() -> int:
-    import tensorflow as tf
-
     ctx = tf.distribute.get_replica_context()
     return 1 if ctx is None else ctx.num_replicas_in_sync
 
@@ -16,10 +31,6 @@ def cross_replica(count, shift, delta, m2):
     One differentiable `all_gather` of the stacked statistics; per-replica
     batches may differ in size.
     """
-    import tensorflow as tf
-
-    from keras_bn import moments
-
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return count, delta, m2
@@ -29,56 +40,23 @@ def cross_replica(count, shift, delta, m2):
     return moments.combine(*tf.unstack(gathered, num=4, axis=1), shift=shift)
 
 
-# ------------------------------------------------------------ fused kernels
-#
-# TensorFlow's CPU kernel sums in float32, so its mean is off by a multiple
-# of float32's rounding of |mean| on large batches (and XLA's lowering forms
-# E[x^2] - E[x]^2); that error reaches the variance and the output relative
-# to |mean| / std.
-# Where that ratio exceeds _MAX_MEAN_TO_STD (always, under XLA, where it is
-# free) the batch is normalized after subtracting a constant per-channel
-# shift: exact, since batch norm is shift invariant.
-_MAX_MEAN_TO_STD = 8.0
-# The shift is the mean of the leading 1/64 of the batch: any subset holding
-# a fraction f of the values has (mean_subset - mean)^2 <= var * (1 - f) / f,
-# so the shifted data has |mean| / std <= 8 whatever the input.
-_SHIFT_FRACTION = 64
-_FUSED_DTYPES = ("float16", "bfloat16", "float32")
-# On CPU the fused kernels have a fixed cost per call (oneDNN's set-up),
-# more than the reference path's few small ops below about this many values
-# (benchmarks/bench_layer.py measures both).
-_MIN_FUSED_SIZE_CPU = 2**17
-
-
 @functools.cache
 def _has_gpu() -> bool:
-    import tensorflow as tf
-
     return bool(tf.config.list_logical_devices("GPU"))
 
 
-def _declines(x) -> bool:
-    """Unsupported dtype, or a tensor too small to gain on CPU."""
-    if x.dtype.name not in _FUSED_DTYPES:
-        return True
-    size = x.shape.num_elements()
-    return size is not None and size < _MIN_FUSED_SIZE_CPU and not _has_gpu()
+def _in_xla() -> bool:
+    return not tf.executing_eagerly() and _compat.tf_in_xla_context()
 
 
-def _in_xla():
-    from keras_bn import _compat
-
-    return _compat.tf_in_xla_context()
+def context() -> dict:
+    return {"gpu": _has_gpu(), "xla": _in_xla()}
 
 
 def _as_4d(x, axis: int):
-    """`(x4, data_format)` for FusedBatchNormV3, or None if unsupported."""
-    import tensorflow as tf
-
+    """`(x4, data_format)`: `x` as FusedBatchNormV3's 4-D input."""
     rank = x.shape.rank
     channels = x.shape[axis]
-    if rank is None or channels is None:
-        return None
     if axis == rank - 1:
         return (x if rank == 4 else tf.reshape(x, (-1, 1, 1, channels))), "NHWC"
     outer = tf.reduce_prod(tf.shape(x)[:axis])
@@ -87,8 +65,6 @@ def _as_4d(x, axis: int):
 
 def _fbn(x4, scale, offset, epsilon, data_format):
     """FusedBatchNormV3 in training mode (unbiased variance)."""
-    import tensorflow as tf
-
     empty = tf.constant([], tf.float32)
     return tf.raw_ops.FusedBatchNormV3(
         x=x4, scale=scale, offset=offset, mean=empty, variance=empty,
@@ -99,18 +75,26 @@ def _fbn(x4, scale, offset, epsilon, data_format):
 
 def _scale_offset(gamma, beta, channels):
     """Float32 scale and offset for the kernels (ones, zeros if None)."""
-    import tensorflow as tf
-
+    # convert_to_tensor reads a variable: custom gradients take tensors.
     ones = tf.ones((channels,), tf.float32)
-    return (ones if gamma is None else tf.cast(gamma, tf.float32),
-            ones * 0.0 if beta is None else tf.cast(beta, tf.float32))
+    return (ones if gamma is None else tf.convert_to_tensor(gamma),
+            ones * 0.0 if beta is None else tf.convert_to_tensor(beta))
+
+
+def _fbn_grad(dy, x4, scale, r1, r2, r3, epsilon, data_format):
+    """FusedBatchNormGradV3 in training mode: `(dx, dscale, doffset)`,
+    dx in `x4`'s dtype."""
+    dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy, x=x4, scale=scale, reserve_space_1=r1,
+        reserve_space_2=r2, reserve_space_3=r3, epsilon=epsilon,
+        data_format=data_format, is_training=True,
+    )[:3]
+    return tf.cast(dx, x4.dtype), dscale, doffset
 
 
 def _kernel_m2(variance, n):
     """Sum of squared deviations from the kernel's `batch_variance` over
     `n` values: it reports the unbiased variance, with n - 1 floored at 1."""
-    import tensorflow as tf
-
     return variance * tf.maximum(n - 1.0, 1.0)
 
 
@@ -131,8 +115,6 @@ def _split_rows(x2d, rows_per_group):
     group per column block without a transpose; the fewer than `groups`
     rows left over, `tail`, form one more group.
     """
-    import tensorflow as tf
-
     channels = x2d.shape[-1]
     rows = tf.shape(x2d, out_type=tf.int64)[0]
     groups = tf.maximum((rows + rows_per_group - 1) // rows_per_group, 1)
@@ -146,13 +128,11 @@ def _pool_groups(length, shifts, deltas, m2s, tail):
     """Chan-pools `[groups, channels]` statistics of `length` rows each
     (means `shifts + deltas`) with those of `tail`; returns
     `(count, center, delta, m2)`, the mean being `center + delta`."""
-    import tensorflow as tf
-
-    from keras_bn import moments
-
     n = tf.cast(length, tf.float32)
     count, shift, delta, m2 = moments.shifted_moments(
         tf.cast(tail, tf.float32), (0,))
+    if isinstance(count, float):  # a tail whose length is known
+        count = tf.fill(tf.shape(shift), count)
     counts = tf.concat([tf.fill(tf.shape(shifts), n), count], 0)
     shifts = tf.concat([shifts, shift], 0)
     deltas = tf.concat([deltas, delta], 0)
@@ -167,8 +147,6 @@ def _pool_groups(length, shifts, deltas, m2s, tail):
 def _group_moments(x2d, rows_per_group):
     """Per-channel `(count, center, delta, m2)` of `[rows, channels]` data
     from one FusedBatchNormV3 call over the groups of `_split_rows`."""
-    import tensorflow as tf
-
     channels = x2d.shape[-1]
     head, tail, length = _split_rows(x2d, rows_per_group)
     width = tf.shape(head, out_type=tf.int64)[1]
@@ -190,8 +168,6 @@ def _xla_group_sums(x2d, rows_per_group):
     consecutive reductions into one, whose float32 sum runs sequentially
     over the whole batch again.
     """
-    import tensorflow as tf
-
     channels = x2d.shape[-1]
     head, tail, _ = _split_rows(x2d, rows_per_group)
     partial = tf.reshape(tf.reduce_sum(head, 0), [-1, channels])
@@ -199,12 +175,10 @@ def _xla_group_sums(x2d, rows_per_group):
     return tf.matmul(ones, partial)[0] + tf.reduce_sum(tail, 0)
 
 
-def _xla_train(x, gamma, beta, epsilon):
+def _xla_train(x, gamma, beta, epsilon, axis):
     """Channels-last training step under XLA, exact: grouped sums (the
     corrected two-pass algorithm per group), Chan pooling, and the paper's
     backward with grouped sums; XLA fuses the elementwise work."""
-    import tensorflow as tf
-
     channels = x.shape[-1]
     scale, offset = _scale_offset(gamma, beta, channels)
 
@@ -233,12 +207,11 @@ def _xla_train(x, gamma, beta, epsilon):
             # mean and variance only feed the moving averages.
             del dmean, dvar
             g = tf.reshape(tf.cast(dy, tf.float32), (-1, channels))
-            xhat = ((xf - center) - delta) * inv
+            centered = (xf - center) - delta
             sum_dy = _xla_group_sums(g, _GROUP_ROWS)
-            sum_dy_xhat = _xla_group_sums(g * xhat, _GROUP_ROWS)
-            total = tf.maximum(count, 1.0)
-            dx = (scale * inv) * (
-                g - sum_dy / total - xhat * (sum_dy_xhat / total))
+            sum_dy_xhat = _xla_group_sums(g * (centered * inv), _GROUP_ROWS)
+            dx = _shared.input_gradient(g, centered, scale, inv, sum_dy,
+                                        sum_dy_xhat, tf.maximum(count, 1.0))
             return (tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype),
                     sum_dy_xhat, sum_dy)
 
@@ -258,7 +231,7 @@ def _xla_train(x, gamma, beta, epsilon):
 _KERNEL_GROUP_ROWS = 256
 
 
-def _exact_train(x, gamma, beta, epsilon):
+def _exact_train(x, gamma, beta, epsilon, axis):
     """Channels-last training step with exact statistics (CPU kernels).
 
     Forward: up to `_KERNEL_GROUP_ROWS` rows, FusedBatchNormV3 as it is
@@ -269,8 +242,6 @@ def _exact_train(x, gamma, beta, epsilon):
     sums of `dy` and `dy * xhat` enter dx divided by the batch size, where
     their rounding no longer shows, and are d beta and d gamma.
     """
-    import tensorflow as tf
-
     channels = x.shape[-1]
     x4 = tf.reshape(x, (-1, 1, 1, channels))
     scale, offset = _scale_offset(gamma, beta, channels)
@@ -305,7 +276,7 @@ def _exact_train(x, gamma, beta, epsilon):
         # Far from zero (|mean| > 8 std) float32 sums of x lose the variance
         # and x - mean the deviations' bits: normalize x - mean instead, in
         # float32 (batch norm is shift invariant). NaN compares False.
-        bad = tf.reduce_any(mean * mean > _MAX_MEAN_TO_STD**2 * var)
+        bad = tf.reduce_any(_shared.mean_dominates(mean, var))
         shift = tf.stop_gradient(mean)
 
         def shifted_input():
@@ -323,13 +294,8 @@ def _exact_train(x, gamma, beta, epsilon):
             del dmean, dvar
 
             def backward(xk, dyk):
-                dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
-                    y_backprop=dyk, x=xk, scale=scale,
-                    reserve_space_1=center, reserve_space_2=var,
-                    reserve_space_3=empty, epsilon=epsilon,
-                    data_format="NHWC", is_training=True,
-                )[:3]
-                return tf.cast(dx, x4.dtype), dscale, doffset
+                return _fbn_grad(dyk, xk, scale, center, var, empty, epsilon,
+                                 "NHWC")
 
             return tf.cond(
                 bad,
@@ -343,25 +309,11 @@ def _exact_train(x, gamma, beta, epsilon):
             tf.stop_gradient(var))
 
 
-def fused_train(x, gamma, beta, epsilon, axis, exact=True):
-    import tensorflow as tf
-
-    if _declines(x):
-        return None
-    if exact:
-        # Channels last on CPU. Under XLA, whose lowering of the kernels
-        # forms E[x^2] - E[x]^2, plain ops that XLA fuses.
-        rank = x.shape.rank
-        if (rank is None or axis != rank - 1 or x.shape[axis] is None
-                or _has_gpu()):
-            return None
-        if _in_xla():
-            return _xla_train(x, gamma, beta, epsilon)
-        return _exact_train(x, gamma, beta, epsilon)
-    shaped = _as_4d(x, axis)
-    if shaped is None:
-        return None
-    x4, fmt = shaped
+def _kernel_train(x, gamma, beta, epsilon, axis):
+    """FusedBatchNormV3 as it is (fused=True), shifted where |mean| >> std;
+    under XLA always shifted (XLA fuses the shift into the kernel's
+    passes)."""
+    x4, fmt = _as_4d(x, axis)
     bshape = [1, -1, 1, 1] if fmt == "NCHW" else [1, 1, 1, -1]
     dims = [0, 2, 3] if fmt == "NCHW" else [0, 1, 2]
     always_shift = _in_xla()
@@ -379,7 +331,7 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
                 out.reserve_space_3, tf.zeros_like(out.batch_mean))
 
     def shifted(x4):
-        rows = (tf.shape(x4)[0] + _SHIFT_FRACTION - 1) // _SHIFT_FRACTION
+        rows = _shared.leading_rows(tf.shape(x4)[0])
         shift = tf.reduce_mean(tf.cast(x4[:rows], tf.float32), axis=dims)
         out = _fbn(shifted_input(x4, shift), scale, offset, epsilon, fmt)
         return (tf.cast(out.y, x4.dtype), out.batch_mean + shift,
@@ -395,8 +347,7 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
         else:
             result = plain(x4)
             # NaN statistics compare False: they go to the finite guard.
-            bad = tf.reduce_any(
-                result[1] * result[1] > _MAX_MEAN_TO_STD**2 * result[2])
+            bad = tf.reduce_any(_shared.mean_dominates(result[1], result[2]))
             y, mean, var, r1, r2, r3, shift = tf.cond(
                 bad, lambda: shifted(x4), lambda: result)
 
@@ -406,12 +357,7 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
             del dmean, dvar
 
             def backward(xk, dyk):
-                dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
-                    y_backprop=dyk, x=xk, scale=scale, reserve_space_1=r1,
-                    reserve_space_2=r2, reserve_space_3=r3,
-                    epsilon=epsilon, data_format=fmt, is_training=True,
-                )[:3]
-                return tf.cast(dx, x4.dtype), dscale, doffset
+                return _fbn_grad(dyk, xk, scale, r1, r2, r3, epsilon, fmt)
 
             def shifted_backward():
                 # Recomputes the shifted input instead of keeping it alive.
@@ -432,15 +378,8 @@ def fused_train(x, gamma, beta, epsilon, axis, exact=True):
     return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
 
-def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
-    import tensorflow as tf
-
-    if _declines(x):
-        return None
-    shaped = _as_4d(x, axis)
-    if shaped is None:
-        return None
-    x4, fmt = shaped
+def _kernel_infer(x, mean, variance, gamma, beta, epsilon, axis):
+    x4, fmt = _as_4d(x, axis)
     scale, offset = _scale_offset(gamma, beta, x.shape[axis])
     y = tf.raw_ops.FusedBatchNormV3(
         x=x4, scale=scale, offset=offset,
@@ -448,3 +387,8 @@ def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
         epsilon=epsilon, data_format=fmt, is_training=False,
     ).y
     return tf.reshape(y, tf.shape(x))
+
+
+TRAIN = {paths.XLA: _xla_train, paths.EXACT_KERNEL: _exact_train,
+         paths.KERNEL: _kernel_train}
+INFER = {paths.KERNEL: _kernel_infer}

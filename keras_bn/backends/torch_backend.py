@@ -1,77 +1,67 @@
-"""torch specifics: cross-replica statistics and fused kernels."""
+"""PyTorch: ranks of `torch.distributed`, and the kernels.
+
+Kernels: `exact_kernel` and `kernel` (ATen's batch norm) in training,
+`kernel` in inference; `keras_bn.paths` decides which runs. ATen's
+channels-last kernels (NHWC data, and 2-D inputs) sum each channel
+sequentially in float32: on a conv layer's activations the variance and dx
+drift far past 1e-5 of float64. The exact kernel therefore feeds them
+groups of rows (`keras_bn.paths.row_groups`: a free reshape into more
+"channels"), pools the groups' statistics exactly (Chan et al.) and forms
+dx from the pooled sums with two elementwise passes. ATen's contiguous
+(channels-first) kernels reduce accurately and are used as they are.
+"""
 
 import weakref
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
 from keras_bn import _compat
+from keras_bn import moments
+from keras_bn.backends import _shared
+from keras_bn import paths
+
+SEES_GLOBAL_BATCH = False
+# Values per chunk of a CPU dx (see _rows_dx): 4 MiB of float32.
+_CHUNK = 1 << 20
 
 
 def num_replicas() -> int:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
 
 
-def _all_gather():
-    import torch
-    import torch.distributed as dist
+def context() -> dict:
+    return {"compiling": torch.compiler.is_compiling()}
 
-    class AllGather(torch.autograd.Function):
-        """Stacks every rank's tensor; the backward sums each rank's
-        gradients for this rank's slot (all-reduce, which gloo supports)."""
 
-        @staticmethod
-        def forward(ctx, tensor):
-            tensor = tensor.contiguous()
-            parts = [torch.empty_like(tensor)
-                     for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, tensor)
-            return torch.stack(parts)
+class _AllGather(torch.autograd.Function):
+    """Stacks every rank's tensor; the backward sums each rank's gradients
+    for this rank's slot (all-reduce, which gloo supports)."""
 
-        @staticmethod
-        def backward(ctx, grad):
-            grad = grad.contiguous().clone()
-            dist.all_reduce(grad)
-            return grad[dist.get_rank()]
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts)
 
-    return AllGather
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def cross_replica(count, shift, delta, m2):
     """Pools statistics over the ranks of `torch.distributed` (any backend,
     gloo included); per-rank batches may differ in size."""
-    import torch
-
-    from keras_bn import moments
-
     if num_replicas() == 1:
         return count, delta, m2
-    gathered = _all_gather().apply(torch.stack([count, shift, delta, m2]))
+    gathered = _AllGather.apply(torch.stack([count, shift, delta, m2]))
     return moments.combine(*torch.unbind(gathered, dim=1), shift=shift)
-
-
-# ------------------------------------------------------------ fused kernels
-#
-# ATen's channels-last batch-norm kernels (NHWC data, and 2-D inputs) sum
-# each channel sequentially in float32: on a conv layer's activations the
-# variance and dx drift far past 1e-5 of float64. The exact path therefore
-# feeds them groups of about _GROUP values (a free reshape of the rows into
-# more "channels"), pools the groups' statistics exactly (Chan et al.) and
-# forms dx from the pooled sums with two elementwise passes. ATen's contiguous
-# (channels-first) kernels reduce accurately and are used as they are.
-#
-# Where |mean| / std exceeds _MAX_MEAN_TO_STD the batch is normalized after
-# subtracting a constant per-channel shift, which is exact (batch norm is
-# shift invariant) and keeps float32 deviations small.
-_MAX_MEAN_TO_STD = 8.0
-# The shift is the mean of the leading 1/64 of the batch: any subset holding
-# a fraction f of the values has (mean_subset - mean)^2 <= var * (1 - f) / f,
-# so the shifted data has |mean| / std <= 8 whatever the input.
-_SHIFT_FRACTION = 64
-_GROUP = 128
-# Values per chunk of a CPU dx (see _rows_dx): 4 MiB of float32.
-_CHUNK = 1 << 20
 
 
 def _channels_view(x, axis: int):
@@ -99,12 +89,9 @@ def _per_channel(v, view):
 
 
 def _mean_dominates(mean, variance, epsilon: float = 0.0) -> bool:
-    """Whether some channel has |mean| > _MAX_MEAN_TO_STD * sqrt(variance +
-    epsilon); NaN statistics compare False. Three small ops, one sync."""
-    import torch
-
-    margin = torch.addcmul(variance, mean, mean, value=-_MAX_MEAN_TO_STD**-2)
-    return bool((margin < -epsilon).any())
+    """Whether `_shared.mean_dominates` holds for some channel (one host
+    sync)."""
+    return bool(_shared.mean_dominates(mean, variance, epsilon).any())
 
 
 # id(moving mean) -> (its weakref, variance weakref, (versions, epsilon),
@@ -116,8 +103,6 @@ _CHECKED = {}
 
 def _moving_mean_dominates(mean, variance, epsilon: float) -> bool:
     """`_mean_dominates` of moving statistics, remembered while unchanged."""
-    import torch
-
     try:
         state = (_compat.torch_version(mean), _compat.torch_version(variance),
                  epsilon)
@@ -138,16 +123,13 @@ def _moving_mean_dominates(mean, variance, epsilon: float) -> bool:
 
 def _leading_mean(view):
     """Per-channel mean of the leading 1/64 of `view` (channels on dim 1)."""
-    rows = -(-view.shape[0] // _SHIFT_FRACTION)
+    rows = _shared.leading_rows(view.shape[0])
     dims = [d for d in range(view.dim()) if d != 1]
     return view[:rows].detach().float().mean(dim=dims)
 
 
 def _batch_norm_train(view, gamma, beta, epsilon):
     """ATen's training batch norm; `(y, mean, unbiased variance)`."""
-    import torch
-    import torch.nn.functional as F
-
     # momentum=1 makes the running buffers the batch statistics themselves
     # (float32 at least: ATen keeps half-precision statistics in float32).
     dtype = torch.promote_types(view.dtype, torch.float32)
@@ -157,33 +139,8 @@ def _batch_norm_train(view, gamma, beta, epsilon):
     return y, mean, var
 
 
-def _kernel_train(view, gamma, beta, epsilon, n):
-    """ATen's kernel as it is, shifted where |mean| >> std."""
-    y, mean, var = _batch_norm_train(view, gamma, beta, epsilon)
-    # NaN statistics compare False: they go to the layer's finite guard.
-    if _mean_dominates(mean, var):
-        shift = _leading_mean(view)
-        # In float32: exact for the values within a factor 2 of the shift,
-        # and rounded to float32 (not to a half-precision input's) else.
-        shifted = view.float() - _per_channel(shift, view)
-        y, mean, var = _batch_norm_train(shifted, gamma, beta, epsilon)
-        y, mean = y.to(view.dtype), mean + shift
-    # ATen keeps the unbiased variance; the layer's is the biased one.
-    return y, mean, var * ((n - 1) / n)
-
-
-def _groups(n: int) -> int:
-    """How many equal groups of about _GROUP values `n` rows split into."""
-    groups = max(1, n // _GROUP)
-    while n % groups:
-        groups -= 1
-    return groups
-
-
 def _grouped_moments(rows, groups):
     """Exact per-column mean and biased variance of `rows` (n, C)."""
-    import torch
-
     n, c = rows.shape
     blocks = rows.reshape(n // groups, groups * c)
     # Float32 running buffers select ATen's mixed-type kernel, which reads
@@ -208,8 +165,6 @@ def _rows_dx(dy, rows, scale, k, const):
     rounds its float32 gradient. Full-size float32 temporaries would be
     fresh, page-faulting allocations and extra trips through memory.
     """
-    import torch
-
     n, c = dy.shape
     step = n if dy.device.type != "cpu" else max(1, _CHUNK // max(c, 1))
     dx = torch.empty((n, c), dtype=dy.dtype, device=dy.device)
@@ -226,122 +181,90 @@ def _rows_dx(dy, rows, scale, k, const):
     return dx
 
 
-def _rows_batch_norm():
-    import torch
-    import torch.nn.functional as F
+class _RowsBatchNorm(torch.autograd.Function):
+    """Batch norm of `rows` (n, C) over n, with short float32 sums.
 
-    class RowsBatchNorm(torch.autograd.Function):
-        """Batch norm of `rows` (n, C) over n, with short float32 sums.
+    Half-precision rows are read as they are (ATen's mixed-type kernels
+    compute in float32): the output and dx are rounded once.
+    """
 
-        Half-precision rows are read as they are (ATen's mixed-type
-        kernels compute in float32): the output and dx are rounded once.
-        """
+    @staticmethod
+    def forward(ctx, rows, gamma, beta, epsilon, groups):
+        mean, var = _grouped_moments(rows, groups)
+        y = F.batch_norm(rows, mean, var, gamma, beta, False, 0.0, epsilon)
+        ctx.save_for_backward(rows, gamma, mean, torch.rsqrt(var + epsilon))
+        ctx.groups = groups
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
-        @staticmethod
-        def forward(ctx, rows, gamma, beta, epsilon, groups):
-            mean, var = _grouped_moments(rows, groups)
-            y = F.batch_norm(rows, mean, var, gamma, beta, False, 0.0, epsilon)
-            ctx.save_for_backward(rows, gamma, mean, torch.rsqrt(var + epsilon))
-            ctx.groups = groups
-            ctx.mark_non_differentiable(mean, var)
-            return y, mean, var
-
-        @staticmethod
-        def backward(ctx, dy, dmean, dvar):
-            # mean and variance only feed the moving averages.
-            del dmean, dvar
-            rows, gamma, mean, inv = ctx.saved_tensors
-            n, c = rows.shape
-            groups = ctx.groups
-            # Per group: sum(dy) and sum(dy * (x - mean)), mean = the
-            # channel's (save_invstd = 1); then summed over the groups.
-            _, sum_dyx, sum_dy = _compat.torch_native_batch_norm_backward(
-                dy.reshape(n // groups, groups * c),
-                rows.reshape(n // groups, groups * c),
-                None, None, None, mean.repeat(groups),
-                inv.new_ones(groups * c), True, 0.0,
-                [False, True, True],
-            )
-            sum_dyx = sum_dyx.reshape(groups, c).sum(0)
-            sum_dy = sum_dy.reshape(groups, c).sum(0)
-            scale = inv if gamma is None else gamma * inv
-            # Section 3 of the paper: dx = scale * (dy - sum(dy) / n
-            #   - xhat * sum(dy * xhat) / n), written as c + scale*dy - k*x.
-            k = scale * inv * inv * sum_dyx / n
-            const = k * mean - scale * sum_dy / n
-            dx = _rows_dx(dy, rows, scale, k, const)
-            dgamma = sum_dyx * inv if ctx.needs_input_grad[1] else None
-            dbeta = sum_dy if ctx.needs_input_grad[2] else None
-            return dx, dgamma, dbeta, None, None
-
-    return RowsBatchNorm
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar):
+        # mean and variance only feed the moving averages.
+        del dmean, dvar
+        rows, gamma, mean, inv = ctx.saved_tensors
+        n, c = rows.shape
+        groups = ctx.groups
+        # Per group: sum(dy) and sum(dy * (x - mean)), mean = the channel's
+        # (save_invstd = 1); then summed over the groups.
+        _, sum_dyx, sum_dy = _compat.torch_native_batch_norm_backward(
+            dy.reshape(n // groups, groups * c),
+            rows.reshape(n // groups, groups * c),
+            None, None, None, mean.repeat(groups),
+            inv.new_ones(groups * c), True, 0.0,
+            [False, True, True],
+        )
+        sum_dy_xhat = sum_dyx.reshape(groups, c).sum(0) * inv
+        sum_dy = sum_dy.reshape(groups, c).sum(0)
+        a, k, b = _shared.gradient_coefficients(
+            1.0 if gamma is None else gamma, inv, sum_dy, sum_dy_xhat, n)
+        dx = _rows_dx(dy, rows, a, k, k * mean - b)
+        dgamma = sum_dy_xhat if ctx.needs_input_grad[1] else None
+        dbeta = sum_dy if ctx.needs_input_grad[2] else None
+        return dx, dgamma, dbeta, None, None
 
 
-_ROWS_BATCH_NORM = []
-
-
-def _exact_rows_train(rows, gamma, beta, epsilon):
-    """`(y, mean, variance)` of channels-last `rows` (n, C), or None."""
-    import torch
-
-    n = rows.shape[0]
-    groups = _groups(n)
-    if n // groups > 4 * _GROUP or rows.dtype == torch.float64:
-        return None  # no short groups (n with a large prime factor)
-    if not _ROWS_BATCH_NORM:
-        _ROWS_BATCH_NORM.append(_rows_batch_norm())
-    apply = _ROWS_BATCH_NORM[0].apply
-    y, mean, var = apply(rows, gamma, beta, epsilon, groups)
+def _exact_train(x, gamma, beta, epsilon, axis):
+    """Channels-last `(y, mean, variance)` on `paths.row_groups` groups."""
+    rows = x.reshape(-1, x.shape[axis])
+    groups = paths.row_groups(rows.shape[0])
+    y, mean, var = _RowsBatchNorm.apply(rows, gamma, beta, epsilon, groups)
     if _mean_dominates(mean, var):
         shift = _leading_mean(rows)
         # In float32, as the reference path subtracts it (rare: a
         # half-precision batch then takes a float32 copy).
-        y, mean, var = apply(rows.float() - shift, gamma, beta, epsilon,
-                             groups)
+        y, mean, var = _RowsBatchNorm.apply(rows.float() - shift, gamma, beta,
+                                            epsilon, groups)
         y, mean = y.to(rows.dtype), mean + shift
-    return y, mean, var
+    return y.reshape(x.shape), mean, var
 
 
-def _compiling() -> bool:
-    import torch
-
-    return torch.compiler.is_compiling()
-
-
-def fused_train(x, gamma, beta, epsilon, axis, exact=True):
-    # Under torch.compile the reference path's plain ops trace into one
-    # graph that Inductor fuses; the kernels' host-side checks (mean vs
-    # std, a Python bool) would break the graph at every call.
-    if not x.dtype.is_floating_point or x.dim() < 2 or _compiling():
-        return None
-    channels = x.shape[axis]
-    n = x.numel() // channels if channels else 0
-    if n < 2:  # ATen refuses single values; the Bessel factor needs n > 1.
-        return None
-    if exact and axis == x.dim() - 1 and n > 4 * _GROUP:
-        out = _exact_rows_train(x.reshape(-1, channels), gamma, beta, epsilon)
-        if out is None:
-            return None
-        y, mean, var = out
-        return y.reshape(x.shape), mean, var
-    # ATen's kernel as it is: on request (exact=False), for channels-first
-    # data (its contiguous kernels reduce accurately), and for batches that
-    # fit in one group of the exact path, which it then equals.
+def _kernel_train(x, gamma, beta, epsilon, axis):
+    """ATen's kernel as it is, shifted where |mean| >> std."""
     view, restore = _channels_view(x, axis)
-    y, mean, var = _kernel_train(view, gamma, beta, epsilon, n)
-    return restore(y), mean, var
+    n = x.numel() // x.shape[axis]
+    y, mean, var = _batch_norm_train(view, gamma, beta, epsilon)
+    # NaN statistics compare False: they go to the layer's finite guard.
+    if _mean_dominates(mean, var):
+        shift = _leading_mean(view)
+        # In float32: exact for the values within a factor 2 of the shift,
+        # and rounded to float32 (not to a half-precision input's) else.
+        shifted = view.float() - _per_channel(shift, view)
+        y, mean, var = _batch_norm_train(shifted, gamma, beta, epsilon)
+        y, mean = y.to(view.dtype), mean + shift
+    # ATen keeps the unbiased variance; the layer's is the biased one.
+    return restore(y), mean, var * ((n - 1) / n)
 
 
-def fused_infer(x, mean, variance, gamma, beta, epsilon, axis):
-    import torch.nn.functional as F
-
-    # Under torch.compile (and torch.export) as in fused_train.
-    if not x.dtype.is_floating_point or x.dim() < 2 or _compiling():
-        return None
-    # ATen computes x * a + (beta - mean * a): where |mean| / std is large
-    # the two terms cancel and lose the output's low bits, so decline.
+def _kernel_infer(x, mean, variance, gamma, beta, epsilon, axis):
+    """ATen's inference kernel, or None while the moving mean dominates:
+    ATen computes x * a + (beta - mean * a), whose two terms then cancel
+    and lose the output's low bits."""
     if _moving_mean_dominates(mean, variance, epsilon):
         return None
     view, restore = _channels_view(x, axis)
     y = F.batch_norm(view, mean, variance, gamma, beta, False, 0.0, epsilon)
     return restore(y)
+
+
+TRAIN = {paths.EXACT_KERNEL: _exact_train, paths.KERNEL: _kernel_train}
+INFER = {paths.KERNEL: _kernel_infer}

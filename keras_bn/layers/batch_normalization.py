@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 from keras import constraints
@@ -14,8 +16,50 @@ from keras import regularizers
 from keras_bn import _validation as check
 from keras_bn import backends
 from keras_bn import moments
+from keras_bn import paths
 
 _DATA_FORMAT_AXIS = {"channels_last": -1, "channels_first": 1}
+
+
+class _Batch(NamedTuple):
+    """A training batch's statistics (`_batch_statistics`).
+
+    `x` is the input, regrouped as `(groups, virtual_batch_size, ...)` for
+    ghost batches (`regrouped`); `shift`, `delta` and `variance` normalize
+    it (the mean is `shift + delta`), over `count` values per channel (a
+    Python float where known when tracing); `moving` is
+    `(count, mean, variance)` for the moving averages.
+    """
+
+    x: object
+    count: object
+    shift: object
+    delta: object
+    variance: object
+    moving: tuple
+    regrouped: bool
+
+
+class _Plan(NamedTuple):
+    """How a call runs: `paths.choose`'s answer, the backend kernel that
+    serves it (None for the reference path) and the dtype the input is
+    cast to first."""
+
+    path: paths.Path
+    kernel: Callable | None
+    dtype: str
+
+
+class _PlanCache:
+    """Plans by `paths.Call` (not a dict attribute: Keras would track it)."""
+
+    def __init__(self):
+        self.by_call = {}
+
+
+_COMPILED = paths.Path(
+    paths.REFERENCE, "traced by torch.compile: " + paths.WHY[paths.REFERENCE],
+    (("kernel", paths.NEEDS["eager"][1]),))
 
 
 def _fresh(initializer):
@@ -195,6 +239,7 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
+        self._plans = _PlanCache()
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -237,6 +282,8 @@ class BatchNormalization(keras.layers.Layer):
             i for i in range(len(input_shape)) if i not in axes
         )
         shape = tuple(input_shape[a] for a in axes)
+        self._channels_last = axes == (len(input_shape) - 1,)
+        self._plans = _PlanCache()
         self._broadcast_shape = tuple(
             input_shape[i] if i in axes else 1 for i in range(len(input_shape))
         )
@@ -284,7 +331,9 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
 
-    def _prepare_inputs(self, inputs):
+    def _plan(self, inputs, training: bool, masked: bool) -> _Plan:
+        """How this call runs: decided once per input signature and
+        context (a `paths.Call`), then looked up."""
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         if "complex" in dtype or dtype == "string":
             raise TypeError(
@@ -294,7 +343,53 @@ class BatchNormalization(keras.layers.Layer):
         # Statistics in float32 at least, whatever the compute dtype. (Not
         # `keras.backend.result_type`: on PyTorch it promotes float64 with
         # float32 to float32.)
-        return ops.cast(inputs, "float64" if dtype == "float64" else "float32")
+        stat = "float64" if dtype == "float64" else "float32"
+        backend = backends.get()
+        context = backend.context()
+        if context.get("compiling"):
+            # What the rules answer under torch.compile, without tracing
+            # the Call and the cache as Python objects.
+            return _Plan(_COMPILED, None, stat)
+        call = paths.Call(
+            backend=keras.backend.backend(), training=training,
+            fused=self.fused, dtype=dtype, shape=tuple(inputs.shape),
+            axes=self._axes, masked=masked, renorm=self.renorm,
+            ghost=self.virtual_batch_size is not None,
+            replicas=backend.num_replicas(), **context,
+        )
+        plan = self._plans.by_call.get(call)
+        if plan is None:
+            path = paths.choose(call)
+            kernel = (backend.TRAIN if training else backend.INFER).get(
+                path.name)
+            # A kernel reads a half-precision input as it is when that is
+            # also the compute dtype (its statistics stay float32): no
+            # float32 copy of the batch.
+            if kernel is not None and dtype == self.compute_dtype:
+                stat = dtype
+            plan = self._plans.by_call[call] = _Plan(path, kernel, stat)
+        return plan
+
+    def which_path(self, inputs, training: bool = False,
+                   mask=None) -> paths.Path:
+        """The implementation a call with `inputs` takes, and why.
+
+        Args:
+            inputs: A tensor or array of the shape and dtype to ask about.
+            training: Whether to ask about a training call.
+            mask: Optional mask, as it would be passed to the call.
+
+        Returns:
+            A `keras_bn.paths.Path`: `name` (`"reference"`, `"kernel"`,
+            `"exact_kernel"` or `"xla"`), `reason`, and `declined`, the
+            reason each earlier candidate declined. Asked inside a
+            `tf.function(jit_compile=True)` or under `torch.compile`, it
+            answers for that context.
+        """
+        if not self.built:
+            self.build(tuple(inputs.shape))
+        training = bool(training) and self.trainable
+        return self._plan(inputs, training, mask is not None).path
 
     def _mask_weights(self, mask, x):
         """The mask as 0/1 weights that broadcast against `x`.
@@ -341,92 +436,78 @@ class BatchNormalization(keras.layers.Layer):
             f"{tuple(x.shape)}, axis={self.axis!r}"
         )
 
-    def _param(self, variable, dtype):
-        return ops.reshape(ops.cast(variable, dtype), self._broadcast_shape)
-
     def call(self, inputs, training=None, mask=None):
         training = bool(training) and self.trainable
-        outputs = self._fused_call(inputs, training, mask)
-        if outputs is not None:
-            return ops.cast(outputs, self.compute_dtype)
-        x = self._prepare_inputs(inputs)
-        weights = self._mask_weights(mask, x)
-        if training:
-            outputs = self._train_step(x, weights)
-        else:
-            mean = self._param(self.moving_mean, x.dtype)
-            variance = self._param(self.moving_variance, x.dtype)
-            outputs = self._normalize(x, mean, variance)
+        plan = self._plan(inputs, training, mask is not None)
+        x = inputs
+        if keras.backend.standardize_dtype(x.dtype) != plan.dtype:
+            x = ops.cast(x, plan.dtype)
+        outputs = None
+        if plan.kernel is not None:
+            outputs = self._run_kernel(plan.kernel, x, training)
+        if outputs is None:
+            if plan.kernel is not None and plan.dtype != "float32":
+                x = ops.cast(x, "float32")  # a kernel handed the call back
+            weights = self._mask_weights(mask, x)
+            if training:
+                outputs = self._train_step(x, weights)
+            else:
+                outputs = self._normalize(
+                    x, self._param(self.moving_mean, x.dtype),
+                    self._param(self.moving_variance, x.dtype))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _vector(self, variable, dtype):
-        return None if variable is None else ops.cast(variable, dtype)
-
-    def _fused_call(self, inputs, training, mask):
-        """Outputs of the backend's fused kernel, or None to decline.
-
-        Declines wherever the kernel could change results: masks, renorm,
-        ghost batches, distributed steps, several axes, inputs other than
-        float32/float16/bfloat16. The kernel reads a half-precision input
-        as given when that is also the compute dtype (the kernels keep
-        float32 statistics), so no float32 copy of the batch is made.
-        """
-        dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if (
-            self.fused is False
-            or mask is not None
-            or len(self._axes) != 1
-            or dtype not in ("float32", "float16", "bfloat16")
-        ):
-            return None
-        if training and (
-            self.renorm
-            or self.virtual_batch_size is not None
-            or backends.num_replicas() > 1
-        ):
-            return None
-        stat_dtype = "float32"
-        x = inputs
-        if dtype not in (stat_dtype, self.compute_dtype):
-            x = ops.cast(inputs, stat_dtype)
-        gamma = self._vector(self.gamma, stat_dtype)
-        beta = self._vector(self.beta, stat_dtype)
+    def _run_kernel(self, kernel, x, training):
+        """A backend kernel's output (None if it hands the call back), the
+        moving statistics updated from its batch statistics."""
+        gamma = self._vector(self.gamma)
+        beta = self._vector(self.beta)
         axis = self._axes[0]
         if not training:
-            return backends.fused_infer(
-                x,
-                self._vector(self.moving_mean, stat_dtype),
-                self._vector(self.moving_variance, stat_dtype),
-                gamma, beta, self.epsilon, axis,
-            )
-        fused = backends.fused_train(x, gamma, beta, self.epsilon, axis,
-                                     exact=self.fused is not True)
-        if fused is None:
-            return None
-        outputs, mean, variance = fused
-        count = moments.count_values(x, self._reduction_axes)
-        self._update_moving(count, mean, variance)
+            return kernel(x, self._vector(self.moving_mean),
+                          self._vector(self.moving_variance), gamma, beta,
+                          self.epsilon, axis)
+        outputs, mean, variance = kernel(x, gamma, beta, self.epsilon, axis)
+        self._update_moving(moments.count_values(x, self._reduction_axes),
+                            mean, variance)
         return outputs
+
+    def _param(self, variable, dtype):
+        """`variable` in `dtype`, shaped to broadcast against the input."""
+        value = self._vector(variable, dtype)
+        if self._channels_last:  # (C,) broadcasts as it is
+            return value
+        return ops.reshape(value, self._broadcast_shape)
+
+    def _vector(self, variable, dtype="float32"):
+        """`variable`'s value in `dtype` (None stays None); casts only where
+        dtypes differ: on eager backends each op is a dispatch."""
+        if variable is None:
+            return None
+        if keras.backend.standardize_dtype(variable.dtype) == dtype:
+            return variable.value
+        return ops.cast(variable.value, dtype)
 
     def _normalize(self, x, mean, variance, r=None, d=None, delta=None):
         """`gamma * ((x - mean) / sqrt(variance + eps) * r + d) + beta`.
 
-        With `delta`, the mean is `mean + delta` and is subtracted in two
-        steps, which keeps float32 exactness for inputs far from zero.
+        With `delta`, the mean is `mean + delta`: `mean` (a first mean) is
+        subtracted from `x`, and `delta` (the small correction of its
+        rounding) from the offset, per channel, which keeps float32
+        exactness for inputs far from zero at no full-size op.
         """
         scale = ops.rsqrt(variance + self.epsilon)
         if r is not None:
             scale = scale * r
-        if self.scale:
-            scale = scale * self._param(self.gamma, x.dtype)
+        gamma = self._param(self.gamma, x.dtype) if self.scale else None
+        if gamma is not None:
+            scale = scale * gamma
         offset = self._param(self.beta, x.dtype) if self.center else None
-        if d is not None:
-            shift = d * self._param(self.gamma, x.dtype) if self.scale else d
-            offset = shift if offset is None else offset + shift
-        centered = x - mean
-        if delta is not None:
-            centered = centered - delta
-        y = centered * scale
+        for term in (None if d is None else (d if gamma is None else d * gamma),
+                     None if delta is None else -(delta * scale)):
+            if term is not None:
+                offset = term if offset is None else offset + term
+        y = (x - mean) * scale
         return y if offset is None else y + offset
 
     def _ghost_split(self, x, weights, n):
@@ -459,33 +540,37 @@ class BatchNormalization(keras.layers.Layer):
             ops.reshape(weights, (groups, n) + rest),
         )
 
-    def _batch_moments(self, x, weights):
-        """Batch statistics for `x`, shaped to broadcast against it.
-
-        Returns `(x, count, shift, delta, variance, pooled)`, the batch mean
-        being `shift + delta`. For ghost batches `x` comes back regrouped as
-        `(groups, virtual_batch_size, ...)` with statistics per group, and
-        `pooled` holds the count-weighted averages of the groups' means and
-        variances (for the moving statistics); otherwise `pooled` is
-        `(count, mean, variance)` of the batch.
-        """
+    def _batch_statistics(self, x, weights) -> _Batch:
+        """The statistics that normalize `x` and update the moving ones."""
         axes = self._reduction_axes
         group = self._group_size(x)
         if group is not None:
             x, weights = self._ghost_split(x, weights, group)
             axes = (1,) + tuple(a + 1 for a in axes if a != 0)
-        count, shift, delta, m2 = moments.shifted_moments(x, axes, weights)
+        # Channels last and not regrouped: statistics of shape (C,), which
+        # broadcast as they are and are the variables' shape.
+        keepdims = group is not None or not self._channels_last
+        count, shift, delta, m2 = moments.shifted_moments(
+            x, axes, weights, keepdims=keepdims)
+        backend = backends.get()
+        if (isinstance(count, float)
+                and (group is not None or self.synchronized)):
+            count = ops.full_like(m2, count)  # pooled below
         if self.synchronized and group is None:
-            count, delta, m2 = backends.cross_replica(count, shift, delta, m2)
-        variance = m2 / ops.maximum(count, 1.0)
+            count, delta, m2 = backend.cross_replica(count, shift, delta, m2)
+        safe = max(count, 1.0) if isinstance(count, float) else ops.maximum(
+            count, 1.0)
+        variance = m2 / safe
         if group is None:
-            pooled = (count, shift + delta, variance)
+            moving = (count, shift + delta, variance)
         else:
             total, pooled_mean, _ = moments.combine(count, shift, delta, m2)
             # The average of the groups' variances, not the pooled variance:
             # the spread between groups is not what ghost BN normalizes away.
-            pooled = (total, pooled_mean, ops.sum(m2, 0) / ops.maximum(total, 1.0))
-        return x, count, shift, delta, variance, pooled
+            moving = (total, pooled_mean,
+                      ops.sum(m2, 0) / ops.maximum(total, 1.0))
+        return _Batch(x, count, shift, delta, variance, moving,
+                      group is not None)
 
     def _group_size(self, x):
         """Samples per group normalized together, or None for the batch.
@@ -497,9 +582,10 @@ class BatchNormalization(keras.layers.Layer):
         """
         if self.virtual_batch_size is not None:
             return self.virtual_batch_size
-        if self.synchronized or not backends.replica_sees_global_batch():
+        backend = backends.get()
+        if self.synchronized or not backend.SEES_GLOBAL_BATCH:
             return None
-        replicas = backends.num_replicas()
+        replicas = backend.num_replicas()
         if replicas == 1:
             return None
         batch = x.shape[0]
@@ -514,42 +600,48 @@ class BatchNormalization(keras.layers.Layer):
 
     def _train_step(self, x, weights):
         batch = ops.shape(x)[0]
-        x, count, shift, delta, variance, pooled = self._batch_moments(
-            x, weights
-        )
+        stats = self._batch_statistics(x, weights)
+        shift, delta, variance = stats.shift, stats.delta, stats.variance
+        count = stats.count
         # A channel with no values (all masked, empty batch) falls back to
         # the moving statistics instead of dividing by zero.
-        empty = count <= 0
-        shift = ops.where(empty, self._param(self.moving_mean, x.dtype), shift)
-        delta = ops.where(empty, 0.0, delta)
-        variance = ops.where(
-            empty, self._param(self.moving_variance, x.dtype), variance
-        )
+        if not isinstance(count, float) or count <= 0:
+            empty = count <= 0
+            shift = ops.where(empty, self._param(self.moving_mean, x.dtype),
+                              shift)
+            delta = ops.where(empty, 0.0, delta)
+            variance = ops.where(
+                empty, self._param(self.moving_variance, x.dtype), variance)
         r = d = None
         if self.renorm:
             r, d = self._renorm_correction(shift + delta, variance)
-        self._update_moving(*pooled)
-        outputs = self._normalize(x, shift, variance, r, d, delta)
-        if len(outputs.shape) > len(self._broadcast_shape):  # regrouped
+        self._update_moving(*stats.moving, reference=True)
+        outputs = self._normalize(stats.x, shift, variance, r, d, delta)
+        if stats.regrouped:
             outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
             outputs = outputs[:batch]
         return outputs
 
-    def _update_moving(self, count, mean, variance):
+    def _update_moving(self, count, mean, variance, reference=False):
         """Moves the moving statistics towards the batch's, per channel,
         skipping channels whose statistics are not finite.
 
         `count` may be a scalar; the others are per channel, in any shape
-        that holds the variables' values (they are reshaped once here).
+        that holds the variables' values. `reference`: the statistics come
+        from `moments.shifted_moments`, whose variance is non-finite
+        wherever the mean is, so the guard checks it alone.
         """
         shape = tuple(self.moving_mean.shape)
         count, mean, variance = (
-            t if tuple(t.shape) in (shape, ()) else ops.reshape(t, shape)
-            for t in (count, mean, variance)
+            t if isinstance(t, float) or tuple(t.shape) in (shape, ())
+            else ops.reshape(t, shape) for t in (count, mean, variance)
         )
+        if reference:  # (the kernels' statistics carry no gradient)
+            mean = ops.stop_gradient(mean)
+            variance = ops.stop_gradient(variance)
         ok = None
         if self.skip_nonfinite_updates:
-            ok = moments.finite(count, mean, variance)
+            ok = moments.finite(count, None if reference else mean, variance)
         if self.renorm:
             self._update_renorm(mean, variance, ok)
         else:
@@ -566,7 +658,7 @@ class BatchNormalization(keras.layers.Layer):
         same = keras.backend.standardize_dtype(old.dtype) == dtype
         if not same:
             old = ops.cast(old, dtype)
-        new = ops.stop_gradient(old * momentum + value * (1.0 - momentum))
+        new = old * momentum + value * (1.0 - momentum)
         if ok is not None:
             new = ops.where(ok, new, old)
         variable.assign(new if same else ops.cast(new, variable.dtype))

@@ -1,0 +1,53 @@
+"""What the backend kernels share: the shift rule and the paper's backward.
+
+Written with arithmetic operators only, so the same lines run on
+`tf.Tensor`, JAX arrays and `torch.Tensor`.
+"""
+
+from __future__ import annotations
+
+# A float32 kernel that sums `x` directly loses the variance once
+# |mean| / std exceeds about this ratio; past it, the kernels normalize
+# `x - shift` for a constant per-channel shift instead, which is exact
+# because batch norm is shift invariant.
+MAX_MEAN_TO_STD = 8.0
+
+# The shift is the mean of the leading 1/64 of the batch: any subset
+# holding a fraction f of the values has
+# (mean_subset - mean)^2 <= var * (1 - f) / f, so the shifted data has
+# |mean| / std <= 8 whatever the input.
+SHIFT_FRACTION = 64
+
+
+def leading_rows(rows: int):
+    """How many leading rows the shift is the mean of."""
+    return -(-rows // SHIFT_FRACTION)
+
+
+def mean_dominates(mean, variance, epsilon: float = 0.0):
+    """Per channel: |mean| > MAX_MEAN_TO_STD * sqrt(variance + epsilon).
+
+    NaN statistics compare False: they go to the layer's finite guard.
+    """
+    if epsilon:
+        variance = variance + epsilon
+    return mean * mean > MAX_MEAN_TO_STD**2 * variance
+
+
+def input_gradient(dy, centered, scale, inv, sum_dy, sum_dy_xhat, n):
+    """Section 3 of the paper: the batch-norm input gradient from two sums.
+
+    `dx = scale * inv * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n)`
+    with `xhat = centered * inv`, where `centered = x - mean` as the caller
+    forms it most exactly; d gamma is `sum_dy_xhat` and d beta `sum_dy`.
+    Returned as `a * dy - k * centered - b`, the per-channel coefficients
+    `(a, k, b)` of `gradient_coefficients`.
+    """
+    a, k, b = gradient_coefficients(scale, inv, sum_dy, sum_dy_xhat, n)
+    return a * dy - k * centered - b
+
+
+def gradient_coefficients(scale, inv, sum_dy, sum_dy_xhat, n):
+    """Per-channel `(a, k, b)` with `dx = a * dy - k * (x - mean) - b`."""
+    a = scale * inv
+    return a, a * inv * (sum_dy_xhat / n), a * (sum_dy / n)
