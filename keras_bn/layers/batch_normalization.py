@@ -503,10 +503,12 @@ class BatchNormalization(keras.layers.Layer):
         if gamma is not None:
             scale = scale * gamma
         offset = self._param(self.beta, x.dtype) if self.center else None
-        for term in (None if d is None else (d if gamma is None else d * gamma),
-                     None if delta is None else -(delta * scale)):
-            if term is not None:
-                offset = term if offset is None else offset + term
+        if d is not None:
+            d = d if gamma is None else d * gamma
+            offset = d if offset is None else offset + d
+        if delta is not None:
+            delta = delta * scale
+            offset = -delta if offset is None else offset - delta
         y = (x - mean) * scale
         return y if offset is None else y + offset
 
@@ -653,7 +655,7 @@ class BatchNormalization(keras.layers.Layer):
         `ok` holds (everywhere if None), `value` in the variable's shape;
         returns the new value in `value`'s dtype. Casts only where dtypes
         differ: on eager backends every op is a dispatch of its own."""
-        old = variable.value
+        old = ops.convert_to_tensor(variable)  # read once (TF: one op)
         dtype = keras.backend.standardize_dtype(value.dtype)
         same = keras.backend.standardize_dtype(old.dtype) == dtype
         if not same:
