@@ -23,6 +23,8 @@ where the backend reports it: TensorFlow's BFC allocator statistics, the
 PyTorch profiler's allocation trace (CUDA: `max_memory_allocated`), XLA's
 compiled memory analysis under JAX (temporaries + outputs).
 
+The steps are built by `keras_bn._execution`, the harness the tests run
+the layer with (its modes "function", "xla", "jit", "eager", "compile").
 TensorFlow steps run in `tf.function` (graph mode; with `--tf-xla`, a
 separate run compiles every candidate with `jit_compile=True`, as
 `model.fit` does with a GPU), JAX steps under `jax.jit`, PyTorch eagerly
@@ -87,12 +89,19 @@ INFER_TARGET = 1.1
 
 
 class _Backend:
-    """Builds zero-argument step callables for one backend."""
+    """Builds zero-argument step callables for one backend, in `self.mode`
+    (one of `keras_bn._execution.MODES`), with `keras_bn._execution`: the
+    harness that the tests run the layer with."""
+
+    mode = "eager"
 
     def __init__(self):
         import keras
 
+        from keras_bn import _execution
+
         self.keras = keras
+        self.execution = _execution
 
     def tensor(self, array, dtype):
         return self.keras.ops.cast(
@@ -128,11 +137,23 @@ class _Backend:
             lambda x, training: wrapped(x, training=training), x, dy, params)
         return steps
 
+    def forward_steps(self, forward, x, dy, params):
+        """(train, infer) of `forward(x, training)`, a function that reads
+        its trainable `params` itself (the native kernel)."""
+        step = self.execution.function_step
+        return (step(lambda x, mask: forward(x, True), params, x, self.mode,
+                     upstream=dy),
+                step(lambda x, mask: forward(x, False), params, x,
+                     self.mode, grad=False))
+
     def layer_steps(self, layer, x, dy):
+        """(train, infer) of a Keras layer: a training step (forward, the
+        VJP with `dy`, the moving statistics updated) and an inference
+        forward."""
         layer.build(tuple(x.shape))
-        return self.forward_steps(
-            lambda x, training: layer(x, training=training), x, dy,
-            [w.value for w in layer.trainable_weights])
+        step = self.execution.step_fn
+        return (step(layer, x, self.mode, training=True, upstream=dy),
+                step(layer, x, self.mode, training=False, grad=False))
 
 
 class _TensorFlow(_Backend):
@@ -141,6 +162,7 @@ class _TensorFlow(_Backend):
         import tensorflow as tf
 
         self.tf = tf
+        self.mode = "xla" if jit_compile else "function"
         self.function = functools.partial(tf.function, jit_compile=jit_compile)
         self.gpu = bool(tf.config.list_physical_devices("GPU"))
         self.scalar = tf.Variable(1.0)
@@ -149,24 +171,6 @@ class _TensorFlow(_Backend):
         if self.gpu:
             self.tf.test.experimental.sync_devices()
         return result
-
-    def _grad_step(self, forward, x, dy, variables):
-        tf = self.tf
-
-        @self.function
-        def train(x, dy):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = forward(x)
-            # The output too: graph pruning would drop an unused forward.
-            return y, tape.gradient(y, [x] + variables, output_gradients=dy)
-
-        return lambda: self.sync(train(x, dy))
-
-    def forward_steps(self, forward, x, dy, variables):
-        infer = self.function(lambda x: forward(x, False))
-        train = self._grad_step(lambda x: forward(x, True), x, dy, variables)
-        return train, lambda: self.sync(infer(x))
 
     def native_forward(self, x):
         tf = self.tf
@@ -213,9 +217,11 @@ class _Torch(_Backend):
         self.torch = torch
         self.gpu = torch.cuda.is_available()
         self.compile = compile
+        self.mode = "compile" if compile else "eager"
         if compile:
             # One graph per candidate and mode: more than the default cache
-            # of 8 per code object (the candidates share the lambdas below).
+            # of 8 per code object (the candidates share the step functions
+            # of keras_bn._execution).
             torch._dynamo.config.cache_size_limit = 64
 
     def sync(self, result=None):
@@ -225,28 +231,6 @@ class _Torch(_Backend):
 
     def tensor(self, array, dtype):
         return super().tensor(array, dtype).detach()
-
-    def _grad_step(self, forward, x, dy, params):
-        torch = self.torch
-        x = x.detach().requires_grad_(True)
-
-        def train():
-            y = forward(x)
-            return y, self.sync(torch.autograd.grad(
-                y, [x] + params, grad_outputs=dy))
-
-        return train
-
-    def forward_steps(self, forward, x, dy, params):
-        if self.compile:
-            forward = self.torch.compile(forward)
-        train = self._grad_step(lambda x: forward(x, True), x, dy, params)
-
-        def infer():
-            with self.torch.no_grad():
-                return self.sync(forward(x, False))
-
-        return train, infer
 
     def native_forward(self, x):
         torch = self.torch
@@ -308,37 +292,13 @@ class _Torch(_Backend):
 
 
 class _Jax(_Backend):
+    mode = "jit"
+
     def __init__(self):
         super().__init__()
         import jax
 
         self.jax = jax
-
-    def _stateless(self, layer, x, dy):
-        jax = self.jax
-        layer.build(x.shape)
-        tv = [w.value for w in layer.trainable_weights]
-        ntv = [w.value for w in layer.non_trainable_weights]
-
-        @jax.jit
-        def train(tv, ntv, x, dy):
-            def f(tv, x):
-                return layer.stateless_call(tv, ntv, x, training=True)
-
-            y, vjp, new_ntv = jax.vjp(f, tv, x, has_aux=True)
-            # The output too: XLA would drop an unused forward.
-            return y, vjp(dy), new_ntv
-
-        @jax.jit
-        def infer(tv, ntv, x):
-            return layer.stateless_call(tv, ntv, x, training=False)[0]
-
-        return train, infer, (tv, ntv, x, dy)
-
-    def layer_steps(self, layer, x, dy):
-        train, infer, (tv, ntv, x, dy) = self._stateless(layer, x, dy)
-        return (lambda: self.jax.block_until_ready(train(tv, ntv, x, dy)),
-                lambda: self.jax.block_until_ready(infer(tv, ntv, x)))
 
     def native_forward(self, x):
         return None  # XLA has no batch norm kernel of its own to call.
@@ -349,8 +309,9 @@ class _Jax(_Backend):
         return lambda: self.jax.block_until_ready(fn(x, s))
 
     def layer_peak_memory(self, layer, x, dy):
-        train, _, args = self._stateless(layer, x, dy)
-        stats = train.lower(*args).compile().memory_analysis()
+        layer.build(tuple(x.shape))
+        train = self.execution.step_fn(layer, x, self.mode, upstream=dy)
+        stats = train.lower().compile().memory_analysis()
         if stats is None:
             return None
         return stats.temp_size_in_bytes + stats.output_size_in_bytes
