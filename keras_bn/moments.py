@@ -152,10 +152,11 @@ def combine(counts, shifts, deltas, m2s, shift=0.0, axis: int = 0):
 def finite(count, mean, variance):
     """Per channel: True where the statistics can update moving averages.
 
-    `mean=None` checks the variance alone: where the statistics come from
-    `shifted_moments`, a non-finite value or an overflowing sum reaches
-    every deviation and so the variance. A Python `count` is known to be
-    positive or not without an op.
+    `mean=None` checks the variance alone, enough wherever the variance is
+    computed from deviations from the mean (`shifted_moments`, and every
+    kernel here): a non-finite value or an overflowing sum reaches every
+    deviation. A Python `count` is known to be positive or not without an
+    op.
     """
     ok = ops.isfinite(variance)
     if mean is not None:

@@ -40,6 +40,9 @@ KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 # TensorFlow on CPU: below this many values a kernel call (oneDNN's set-up)
 # costs more than the reference path's few small ops.
 TF_MIN_KERNEL_SIZE_CPU = 2**17
+# JAX: below this many values the reference path compiles to as fast a
+# program as the `xla` kernel (bench_layer, bench_ops).
+JAX_MIN_XLA_SIZE = 2**17
 # PyTorch's exact kernel: ATen's channels-last kernels sum each channel
 # sequentially in float32, so its rows are cut into equal groups of about
 # this many rows (a free reshape into more "channels") ...
@@ -136,6 +139,9 @@ NEEDS = {
                 or c.size >= TF_MIN_KERNEL_SIZE_CPU,
                 f"fewer than {TF_MIN_KERNEL_SIZE_CPU} values on CPU, where "
                 "the kernel's set-up costs more than the reference path"),
+    "jax_size": (lambda c: c.size is None or c.size >= JAX_MIN_XLA_SIZE,
+                 f"fewer than {JAX_MIN_XLA_SIZE} values, where XLA compiles "
+                 "the reference path to as fast a program"),
     "eager": (lambda c: not c.compiling,
               "under torch.compile the reference path traces into one graph "
               "(the kernels' host-side checks would break it)"),
@@ -164,7 +170,7 @@ RULES = {
         (KERNEL, "opt_in", "tf_size"),
     ),
     ("tensorflow", False): ((KERNEL, "tf_size"),),
-    ("jax", True): ((XLA,),),
+    ("jax", True): ((XLA, "jax_size"),),
     # JAX inference: the reference path is one fused XLA pass already.
     ("torch", True): (
         (EXACT_KERNEL, "eager", "rank2", "two_rows", "exact", "channels_last",

@@ -468,8 +468,10 @@ class BatchNormalization(keras.layers.Layer):
                           self._vector(self.moving_variance), gamma, beta,
                           self.epsilon, axis)
         outputs, mean, variance = kernel(x, gamma, beta, self.epsilon, axis)
-        self._update_moving(moments.count_values(x, self._reduction_axes),
-                            mean, variance)
+        count = moments.static_count(x, self._reduction_axes)
+        if count is None:
+            count = moments.count_values(x, self._reduction_axes)
+        self._update_moving(count, mean, variance)
         return outputs
 
     def _param(self, variable, dtype):
@@ -617,33 +619,35 @@ class BatchNormalization(keras.layers.Layer):
         r = d = None
         if self.renorm:
             r, d = self._renorm_correction(shift + delta, variance)
-        self._update_moving(*stats.moving, reference=True)
+        self._update_moving(*stats.moving, detach=True)
         outputs = self._normalize(stats.x, shift, variance, r, d, delta)
         if stats.regrouped:
             outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
             outputs = outputs[:batch]
         return outputs
 
-    def _update_moving(self, count, mean, variance, reference=False):
+    def _update_moving(self, count, mean, variance, detach=False):
         """Moves the moving statistics towards the batch's, per channel,
         skipping channels whose statistics are not finite.
 
-        `count` may be a scalar; the others are per channel, in any shape
-        that holds the variables' values. `reference`: the statistics come
-        from `moments.shifted_moments`, whose variance is non-finite
-        wherever the mean is, so the guard checks it alone.
+        `count` may be a scalar (a Python float where known when tracing);
+        the others are per channel, in any shape that holds the variables'
+        values. Every path computes the variance from deviations from the
+        mean, so a non-finite mean (or input) makes it non-finite too, and
+        the guard checks the variance alone. `detach`: the statistics carry
+        gradients (the reference path's), which the update must not.
         """
         shape = tuple(self.moving_mean.shape)
         count, mean, variance = (
             t if isinstance(t, float) or tuple(t.shape) in (shape, ())
             else ops.reshape(t, shape) for t in (count, mean, variance)
         )
-        if reference:  # (the kernels' statistics carry no gradient)
+        if detach:
             mean = ops.stop_gradient(mean)
             variance = ops.stop_gradient(variance)
         ok = None
         if self.skip_nonfinite_updates:
-            ok = moments.finite(count, None if reference else mean, variance)
+            ok = moments.finite(count, None, variance)
         if self.renorm:
             self._update_renorm(mean, variance, ok)
         else:
