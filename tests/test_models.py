@@ -8,6 +8,7 @@ import pytest
 
 import keras_bn
 from keras_bn import models
+from tests.bn_models import randomize_bn
 
 OURS = keras_bn.BatchNormalization
 KERAS = keras.layers.BatchNormalization
@@ -146,15 +147,16 @@ def _bn(h, gamma, beta, mean, var, eps):
 
 
 def _randomize(model, rng):
-    """Random weights, including non-trivial BN parameters and statistics."""
-    values = []
-    for w in model.weights:
-        v = rng.normal(0, 0.3, w.shape)
-        if "variance" in w.path:
-            v = rng.uniform(0.5, 2.0, w.shape)
-        values.append(v.astype("float32"))
-    model.set_weights(values)
-    return [v.astype("float64") for v in values]
+    """Random weights: the kernels and biases here, the batch-norm layers'
+    parameters and statistics from `randomize_bn`. Returns every weight
+    (`model.weights` order) in float64."""
+    for layer in model.layers:
+        if not isinstance(layer, (OURS, KERAS)):
+            for w in layer.weights:
+                w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    randomize_bn(model, rng)
+    return [np.asarray(keras.ops.convert_to_numpy(w), np.float64)
+            for w in model.weights]
 
 
 @pytest.mark.parametrize("norm_layer", [OURS, KERAS], ids=["ours", "keras"])
@@ -187,13 +189,41 @@ def test_mnist_sigmoid_normalizes_before_the_nonlinearity(norm_layer):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_cifar_model_outputs_class_probabilities():
-    model = models.cifar10_conv()
-    x = np.random.default_rng(2).uniform(0, 1, (3, 32, 32, 3))
-    probs = keras.ops.convert_to_numpy(model(x.astype("float32")))
+def _conv3x3(h, kernel, bias):
+    """A 3x3 valid convolution, channels last."""
+    patches = np.lib.stride_tricks.sliding_window_view(h, (3, 3), axis=(1, 2))
+    return np.einsum("bhwcij,ijcf->bhwf", patches, kernel) + bias
+
+
+def _max_pool(h):
+    b, height, width, c = h.shape
+    h = h[:, :height // 2 * 2, :width // 2 * 2]
+    return h.reshape(b, height // 2, 2, width // 2, 2, c).max(axis=(2, 4))
+
+
+@pytest.mark.parametrize("norm_layer", [OURS, KERAS], ids=["ours", "keras"])
+def test_cifar_model_inference_matches_numpy(norm_layer):
+    """Conv -> ReLU -> BN -> pool, three times, then the dense head, in
+    float64 NumPy (dropout is the identity at inference)."""
+    model = models.cifar10_conv(norm_layer=norm_layer)
+    rng = np.random.default_rng(2)
+    weights = _randomize(model, rng)
+    x = rng.uniform(0, 1, (3, 32, 32, 3))
+    h = x
+    for i in range(3):
+        kernel, bias, gamma, beta, mean, var = weights[6 * i:6 * i + 6]
+        h = _bn(np.maximum(_conv3x3(h, kernel, bias), 0), gamma, beta, mean,
+                var, 1e-3)
+        if i < 2:
+            h = _max_pool(h)
+    w1, b1, w2, b2 = weights[18:]
+    h = np.maximum(h.reshape(len(h), -1) @ w1 + b1, 0)
+    expected = _softmax(h @ w2 + b2)
+    probs = keras.ops.convert_to_numpy(model(x.astype("float32"),
+                                             training=False))
     assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    assert (probs > 0).all()
 
 
 @pytest.mark.parametrize("call,exc,needle", [

@@ -11,6 +11,7 @@ import pytest
 import keras_bn
 from keras_bn._processes import BACKENDS
 from keras_bn._processes import run_python
+from tests.bn_models import randomize_bn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_CONFIG = dict(
@@ -32,19 +33,6 @@ def _model(layer_factory, shape=(6, 5)):
     return keras.Model(inputs, x)
 
 
-def _perturb(model, rng):
-    """Batch-norm weights and statistics far from their initial values."""
-    for layer in model.layers:
-        if isinstance(layer, (keras_bn.BatchNormalization,
-                              keras.layers.BatchNormalization)):
-            layer.set_weights([
-                rng.uniform(0.5, 2.0, w.shape).astype(w.dtype)
-                if "variance" in v.name or "stddev" in v.name or v.name == "gamma"
-                else rng.normal(0.0, 0.5, w.shape).astype(w.dtype)
-                for v, w in zip(layer.weights, layer.get_weights())
-            ])
-
-
 def test_config_round_trip():
     layer = keras_bn.BatchNormalization(**FULL_CONFIG)
     config = layer.get_config()
@@ -63,7 +51,7 @@ def test_config_round_trip():
 def test_keras_file_safe_mode_without_custom_objects(tmp_path):
     rng = np.random.default_rng(0)
     model = _model(lambda: keras_bn.BatchNormalization(renorm=True))
-    _perturb(model, rng)
+    randomize_bn(model, rng)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
@@ -89,7 +77,7 @@ def test_weights_files_move_between_layers(tmp_path, direction):
     make_keras = lambda: _model(lambda: keras.layers.BatchNormalization(momentum=0.5))  # noqa
     source, target = (make_keras(), make_ours()) if direction == "keras_to_ours" \
         else (make_ours(), make_keras())
-    _perturb(source, rng)
+    randomize_bn(source, rng)
     path = str(tmp_path / "w.weights.h5")
     source.save_weights(path)
     target.load_weights(path)
@@ -121,7 +109,7 @@ def test_keras_file_loads_on_the_other_backends(tmp_path):
         keras.layers.Dense(3),
         keras_bn.BatchNormalization(virtual_batch_size=2),
     ])
-    _perturb(model, rng)
+    randomize_bn(model, rng)
     x = rng.normal(size=(5, 8, 8, 3)).astype("float32")
     expected = model.predict(x, verbose=0)
     model.save(str(tmp_path / "m.keras"))
