@@ -1,6 +1,5 @@
 """The layer against the float64 NumPy reference of the paper (tests/reference.py)."""
 
-import itertools
 import zlib
 
 import keras
@@ -10,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_bn
+from keras_bn import _execution
 from tests import reference as ref
-from tests.autodiff import call_with_grads
+from tests.bn_models import randomize_bn
+from tests.bn_models import weights64
 
 EPS = 1e-3
 # (input shape, axis, feature axes after normalization)
@@ -29,29 +30,14 @@ LAYOUTS = [
 AFFINE = [(True, True), (False, False), (True, False), (False, True)]
 
 
-def _randomize(layer, rng):
-    """Non-trivial weights, so that every term of the equations matters."""
-    for v in layer.weights:
-        shape = tuple(v.shape)
-        if "variance" in v.name or "stddev" in v.name:
-            v.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-        elif v.name == "gamma":
-            v.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
-        else:
-            v.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
-    return {v.name: keras.ops.convert_to_numpy(v).astype(np.float64)
-            for v in layer.weights}
-
-
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-axis{l[1]}")
-@pytest.mark.parametrize("center,scale", AFFINE)
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("renorm", [False, True], ids=["bn", "renorm"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
-def test_matches_reference(layout, center, scale, masked, renorm, training):
+def _check_against_reference(layout, center, scale, masked, renorm,
+                             training, mode):
+    """One call in `mode`: outputs, gradients and updated statistics
+    against the float64 reference. The seed is in every message."""
     shape, axis, feat = layout
     # crc32, not hash(): str hashes change per process (PYTHONHASHSEED).
-    rng = np.random.default_rng(zlib.crc32(repr((shape, axis, center, scale)).encode()))
+    seed = zlib.crc32(repr((shape, axis, center, scale)).encode())
+    rng = np.random.default_rng(seed)
     momentum = 0.9
     clipping = {"rmax": 1.5, "rmin": 0.7, "dmax": 0.3} if renorm else None
     layer = keras_bn.BatchNormalization(
@@ -59,13 +45,14 @@ def test_matches_reference(layout, center, scale, masked, renorm, training):
         renorm=renorm, renorm_clipping=clipping, renorm_momentum=0.8,
     )
     layer.build(shape)
-    w0 = _randomize(layer, rng)
+    w0 = weights64(randomize_bn(layer, rng))
     x = (rng.normal(size=shape) * 3.0 + 2.0).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     mask, wts = (ref.channel_constant_mask(shape, feat, rng) if masked
                  else (None, None))
 
-    y, dx, grads = call_with_grads(layer, x, dy, training=training, mask=mask)
+    result = _execution.run(layer, x, mode=mode, training=training,
+                            mask=mask, upstream=dy)
 
     pshape = tuple(shape[a] for a in feat)
     gamma = w0["gamma"] if scale else np.ones(pshape)
@@ -105,18 +92,49 @@ def test_matches_reference(layout, center, scale, masked, renorm, training):
         )
         expected = {k: v for k, v in w0.items() if k.startswith(("moving", "renorm"))}
 
-    ref.assert_close(y, y_ref, what="outputs")
-    ref.assert_close(dx, dx_ref, what="d inputs")
+    where = f"(seed {seed}, mode {mode})"
+    ref.assert_close(result.outputs, y_ref, what=f"outputs {where}")
+    ref.assert_close(result.dx, dx_ref, what=f"d inputs {where}")
     if scale:
-        ref.assert_close(grads["gamma"], dg_ref.reshape(pshape), what="d gamma")
+        ref.assert_close(result.grads["gamma"], dg_ref.reshape(pshape),
+                         what=f"d gamma {where}")
     if center:
-        ref.assert_close(grads["beta"], db_ref.reshape(pshape), what="d beta")
+        ref.assert_close(result.grads["beta"], db_ref.reshape(pshape),
+                         what=f"d beta {where}")
+    assert set(result.moving) == set(expected), sorted(result.moving)
     for name, value in expected.items():
-        actual = keras.ops.convert_to_numpy(getattr(layer, name))
-        ref.assert_close(actual, np.reshape(value, pshape), what=name)
+        ref.assert_close(result.moving[name], np.reshape(value, pshape),
+                         what=f"{name} {where}")
+        # The layer's own variables hold the same (JAX: written back).
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(getattr(layer, name)),
+            result.moving[name])
 
 
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-axis{l[1]}")
+@pytest.mark.parametrize("center,scale", AFFINE)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("renorm", [False, True], ids=["bn", "renorm"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_matches_reference(layout, center, scale, masked, renorm, training):
+    _check_against_reference(layout, center, scale, masked, renorm,
+                             training, "eager")
+
+
+@pytest.mark.parametrize("mode", _execution.modes()[1:])
+@pytest.mark.parametrize("layout,masked,renorm", [
+    (LAYOUTS[4], False, False),  # rank 4, channels last
+    (LAYOUTS[5], True, False),   # rank 4, channels first, a mask
+    (LAYOUTS[8], True, False),   # two feature axes, a mask
+], ids=["nhwc", "nchw-mask", "two-axes-mask"])
+def test_compiled_modes_match_reference(layout, masked, renorm, mode):
+    """The backend's compilers (tf.function, XLA, jax.jit, torch.compile)
+    on a few of the cases above, training."""
+    _check_against_reference(layout, True, True, masked, renorm, True, mode)
+
+
+# derandomize: the same examples in every run (a failure reruns as is).
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     data=st.data(),
     rank=st.integers(2, 5),
@@ -128,7 +146,8 @@ def test_property_forward_and_moving_stats(data, rank, dtype):
     axes = data.draw(st.lists(st.integers(0, rank - 1), min_size=1,
                               max_size=min(2, rank - 1), unique=True))
     offset = data.draw(st.sampled_from([0.0, 5.0, -300.0]))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
     x64 = rng.normal(size=shape) * 2.0 + offset
     x = keras.ops.convert_to_numpy(
         keras.ops.cast(x64.astype("float32"), dtype)
@@ -143,14 +162,16 @@ def test_property_forward_and_moving_stats(data, rank, dtype):
     pshape = tuple(shape[a] for a in feat)
     y_ref, mu, var = ref.forward_train(x, feat, np.ones(pshape), np.zeros(pshape), 1e-3)
     tol = 1e-5 if dtype == "float32" else 1e-2  # output rounding of the dtype
+    where = f"(seed {seed}, shape {shape}, axis {axis}, {dtype})"
     ref.assert_close(keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")),
-                     y_ref, tol=tol, what="outputs")
+                     y_ref, tol=tol, what=f"outputs {where}")
     # Statistics are float32 whatever the input dtype.
     ref.assert_close(keras.ops.convert_to_numpy(layer.moving_mean),
-                     (0.5 * mu).reshape(pshape), tol=1e-5, what="moving_mean")
+                     (0.5 * mu).reshape(pshape), tol=1e-5,
+                     what=f"moving_mean {where}")
     ref.assert_close(keras.ops.convert_to_numpy(layer.moving_variance),
                      (0.5 + 0.5 * var).reshape(pshape), tol=1e-5,
-                     what="moving_variance")
+                     what=f"moving_variance {where}")
 
 
 def test_worked_example_from_the_articles():
@@ -175,8 +196,10 @@ def test_large_mean_normalizes(ratio):
     x = (rng.normal(size=(64, 8, 8, 3)) * std + ratio * std).astype("float32")
     # A tiny epsilon, so that the check is about the statistics alone.
     layer = keras_bn.BatchNormalization(momentum=0.0, epsilon=1e-9)
-    y = keras.ops.convert_to_numpy(layer(x, training=True)).reshape(-1, 3)
-    assert np.all(np.isfinite(y))
+    y = keras.ops.convert_to_numpy(layer(x, training=True))
+    y_ref, _, _ = ref.forward_train(x, (3,), np.ones(3), np.zeros(3), 1e-9)
+    ref.assert_close(y, y_ref, tol=1e-3, what="outputs")
+    y = y.reshape(-1, 3)
     np.testing.assert_allclose(y.std(axis=0), 1.0, atol=1e-3)
     var = keras.ops.convert_to_numpy(layer.moving_variance)
     assert np.all(var >= 0)
@@ -192,7 +215,10 @@ def test_large_mean_against_keras_layer():
     rng = np.random.default_rng(2)
     x = (rng.normal(size=(256, 16, 16, 4)) + 1e4).astype("float32")
     ours = keras.ops.convert_to_numpy(
-        keras_bn.BatchNormalization()(x, training=True)).reshape(-1, 4)
+        keras_bn.BatchNormalization()(x, training=True))
+    y_ref, _, _ = ref.forward_train(x, (3,), np.ones(4), np.zeros(4), EPS)
+    ref.assert_close(ours, y_ref, tol=1e-3, what="outputs")
+    ours = ours.reshape(-1, 4)
     theirs = keras.ops.convert_to_numpy(
         keras.layers.BatchNormalization()(x, training=True)).reshape(-1, 4)
     np.testing.assert_allclose(ours.std(axis=0), 1.0, atol=1e-3)
@@ -295,10 +321,21 @@ def test_nonfinite_guard_can_be_disabled():
 
 
 def test_all_masked_outputs_stay_finite():
-    x = np.random.default_rng(7).normal(size=(4, 5, 3)).astype("float32")
+    """No value counts: the batch normalizes with the moving statistics,
+    which it leaves as they were (no 0/0 anywhere)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(4, 5, 3)).astype("float32")
     layer = keras_bn.BatchNormalization()
-    y = layer(x, training=True, mask=np.zeros((4, 5), bool))
-    assert np.all(np.isfinite(keras.ops.convert_to_numpy(y)))
+    layer.build(x.shape)
+    w0 = weights64(randomize_bn(layer, rng))
+    y = keras.ops.convert_to_numpy(
+        layer(x, training=True, mask=np.zeros((4, 5), bool)))
+    assert np.all(np.isfinite(y))
+    ref.assert_close(y, ref.forward_infer(
+        x, (2,), w0["gamma"], w0["beta"], w0["moving_mean"],
+        w0["moving_variance"], EPS), what="outputs")
+    for name, value in weights64(layer).items():
+        np.testing.assert_array_equal(value, w0[name], name)
 
 
 @pytest.mark.parametrize("config", [{}, {"renorm": True}, {"center": False}])
@@ -310,7 +347,7 @@ def test_matches_keras_layer(config):
     theirs = keras.layers.BatchNormalization(momentum=0.8, **config)
     for layer in (ours, theirs):
         layer.build(x.shape)
-    _randomize(ours, rng)
+    randomize_bn(ours, rng)
     theirs.set_weights(ours.get_weights())
     for step in range(3):
         batch = x + step
@@ -338,9 +375,12 @@ def test_data_format_channels_first_is_axis_1():
     x = np.random.default_rng(10).normal(size=(8, 3, 5, 5)).astype("float32")
     a = keras_bn.BatchNormalization(data_format="channels_first")
     b = keras_bn.BatchNormalization(axis=1)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(a(x, training=True)),
+    ya = keras.ops.convert_to_numpy(a(x, training=True))
+    np.testing.assert_allclose(ya,
                                keras.ops.convert_to_numpy(b(x, training=True)))
     assert a.gamma.shape == (3,)
+    y_ref, _, _ = ref.forward_train(x, (1,), np.ones(3), np.zeros(3), EPS)
+    ref.assert_close(ya, y_ref, what="outputs")
 
 
 def test_mask_propagates_in_a_sequential_model():
@@ -417,47 +457,26 @@ def test_float64_layer_keeps_float64_statistics():
     assert "ok float64" in proc.stdout
 
 
-def _compiled_masked_call(layer, x, mask):
-    """Training call under the backend's compiler (XLA on TF and JAX)."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(lambda x, m: layer(x, training=True, mask=m),
-                           jit_compile=True)(tf.constant(x), tf.constant(mask))
-    if backend == "jax":
-        import jax
-
-        def run(trainable, non_trainable, x, m):
-            return layer.stateless_call(trainable, non_trainable, x,
-                                        training=True, mask=m)
-
-        y, updated = jax.jit(run)(
-            [v.value for v in layer.trainable_variables],
-            [v.value for v in layer.non_trainable_variables], x, mask)
-        for v, value in zip(layer.non_trainable_variables, updated):
-            v.assign(value)
-        return y
-    return layer(x, training=True, mask=mask)
-
-
-def test_masked_long_reduction_is_exact_under_compilation():
+@pytest.mark.parametrize("mode", _execution.modes())
+def test_masked_long_reduction_is_exact_under_compilation(mode):
     """57,600 ReLU-like values a channel through the reference path (a
-    mask): TensorFlow's XLA merges chained reductions into one float32 sum
-    that lands 3e-4 from float64, unless the partial sums are pooled apart."""
+    mask), in every mode: TensorFlow's XLA merges chained reductions into
+    one float32 sum that drifts from float64, unless the partial sums are
+    pooled apart."""
     rng = np.random.default_rng(13)
     shape = (64, 30, 30, 8)
     x = np.maximum(rng.normal(0.1, 0.3, size=shape), 0.0).astype("float32")
     mask = rng.uniform(size=shape[:-1]) < 0.9
     layer = keras_bn.BatchNormalization(momentum=0.0)
     layer.build(shape)
-    y = keras.ops.convert_to_numpy(
-        _compiled_masked_call(layer, x, mask.astype("float32")))
+    result = _execution.run(layer, x, mode=mode, mask=mask.astype("float32"),
+                            grad=False)
     w = mask[..., None].astype(np.float64)
     expected, mu, var = ref.forward_train(x, (3,), np.ones(8), np.zeros(8),
                                           EPS, w=w)
-    ref.assert_close(y * w, expected * w, tol=1e-5, what="outputs")
-    ref.assert_close(keras.ops.convert_to_numpy(layer.moving_mean),
-                     mu.ravel(), tol=1e-6, what="moving mean")
-    ref.assert_close(keras.ops.convert_to_numpy(layer.moving_variance),
-                     var.ravel(), tol=1e-6, what="moving variance")
+    ref.assert_close(result.outputs * w, expected * w, tol=1e-5,
+                     what="outputs")
+    ref.assert_close(result.moving["moving_mean"], mu.ravel(), tol=1e-6,
+                     what="moving mean")
+    ref.assert_close(result.moving["moving_variance"], var.ravel(), tol=1e-6,
+                     what="moving variance")
