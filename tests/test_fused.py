@@ -19,12 +19,17 @@ import numpy as np
 import pytest
 
 import keras_bn
+from keras_bn import _execution
 from keras_bn import paths
 from tests import reference as ref
-from tests.autodiff import call_with_grads
+from tests.bn_models import randomize_bn
+from tests.bn_models import weights64
 
 BACKEND = keras.backend.backend()
 EPS = 1e-3
+# The mode of most tests here: one XLA program under JAX (op-by-op dispatch
+# compiles every primitive separately, which is slow), else eager.
+MODE = "jit" if BACKEND == "jax" else "eager"
 
 
 @pytest.fixture
@@ -56,42 +61,15 @@ def _pair(rng, shape, momentum=0.5, fused=True, **kwargs):
                                        **kwargs)
     fast.build(shape)
     slow.build(shape)
-    for v in fast.weights:
-        value = rng.uniform(0.5, 1.5, tuple(v.shape))
-        if "mean" in v.name or v.name == "beta":
-            value = rng.normal(0.0, 0.5, tuple(v.shape))
-        v.assign(value.astype("float32"))
+    randomize_bn(fast, rng)
     slow.set_weights(fast.get_weights())
     return fast, slow
 
 
-def _grads(layer, x, dy, mask=None):
-    """`call_with_grads`, compiled as one XLA program under JAX (op-by-op
-    dispatch compiles every primitive separately, which is slow)."""
-    if BACKEND != "jax":
-        return call_with_grads(layer, x, dy, mask=mask)
-    import jax
-    import jax.numpy as jnp
-
-    trainable = [w.value for w in layer.trainable_weights]
-    non_trainable = [w.value for w in layer.non_trainable_weights]
-
-    @jax.jit
-    def run(x, trainable, mask):
-        def loss(x, trainable):
-            y, new = layer.stateless_call(trainable, non_trainable, x,
-                                          training=True, mask=mask)
-            return jnp.sum(y.astype("float32") * dy), (y, new)
-
-        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            x, trainable)
-
-    (_, (y, new)), (dx, dw) = run(jnp.asarray(x), trainable, mask)
-    for var, value in zip(layer.non_trainable_weights, new):
-        var.assign(value)
-    names = [w.name for w in layer.trainable_weights]
-    return (np.asarray(y), np.asarray(dx),
-            {n: np.asarray(g) for n, g in zip(names, dw)})
+def _run(layer, x, dy, mask=None, mode=MODE, **kwargs):
+    """A training call with gradients (VJPs with `dy`), see _execution."""
+    return _execution.run(layer, x, mode=mode, upstream=dy, mask=mask,
+                          **kwargs)
 
 
 def _numpy(t):
@@ -105,6 +83,27 @@ def _moving(layer):
 def _assert_same(a, b, tol, what):
     ref.assert_close(np.asarray(a, np.float64), np.asarray(b, np.float64),
                      tol=tol, what=what)
+
+
+def _check_float64(result, w0, x, dy, axis, momentum, tol):
+    """A training call's `result` against the float64 reference, for a
+    layer whose weights before the call were `w0`."""
+    channels = x.shape[axis]
+    gamma = w0.get("gamma", np.ones(channels))
+    beta = w0.get("beta", np.zeros(channels))
+    y_ref, mu, var = ref.forward_train(x, (axis,), gamma, beta, EPS)
+    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (axis,), gamma,
+                                                       EPS)
+    ref.assert_close(result.outputs, y_ref, tol=tol, what="outputs (float64)")
+    ref.assert_close(result.dx, dx_ref, tol=tol, what="d inputs (float64)")
+    for name, expected in (("gamma", dgamma_ref), ("beta", dbeta_ref)):
+        if name in result.grads:
+            ref.assert_close(result.grads[name], expected, tol=tol,
+                             what=f"d {name} (float64)")
+    for name, batch in (("moving_mean", mu), ("moving_variance", var)):
+        ref.assert_close(result.moving[name],
+                         ref.ema(w0[name], batch.ravel(), momentum), tol=tol,
+                         what=f"{name} (float64)")
 
 
 # (input shape, axis): ranks 2 to 5, channels last and first.
@@ -124,7 +123,12 @@ LAYOUTS = [
 BOTH_PATHS = pytest.mark.parametrize("fused", [None, True])
 
 
-def _check_ran(spy, fused, channels_last=True):
+def _check_ran(spy, fused, channels_last=True, mode=MODE):
+    if mode == "compile":
+        # Under torch.compile the fast paths decline (their host-side
+        # checks would break the graph): dynamo compiles the reference
+        # path's ops, which the float64 checks hold to the same bounds.
+        return
     ran = ("fused_train", True) in spy
     exact = True
     if BACKEND == "tensorflow":
@@ -142,18 +146,20 @@ def test_training_matches_reference_path(spy, shape, axis, center, scale,
     rng = np.random.default_rng(1)
     fast, slow = _pair(rng, shape, fused=fused, axis=axis, center=center,
                        scale=scale)
+    w0 = weights64(fast)
     x = (rng.normal(size=shape) * 3.0 + 2.0).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
-    y_fast, dx_fast, g_fast = _grads(fast, x, dy)
+    got = _run(fast, x, dy)
     _check_ran(spy, fused, channels_last=axis in (-1, len(shape) - 1))
-    y_slow, dx_slow, g_slow = _grads(slow, x, dy)
-    _assert_same(y_fast, y_slow, 1e-5, "outputs")
-    _assert_same(dx_fast, dx_slow, 1e-5, "d inputs")
-    assert g_fast.keys() == g_slow.keys()
-    for name in g_fast:
-        _assert_same(g_fast[name], g_slow[name], 1e-5, f"d {name}")
-    for a, b, name in zip(_moving(fast), _moving(slow), ("mean", "variance")):
-        _assert_same(a, b, 1e-5, f"moving {name}")
+    want = _run(slow, x, dy)
+    _assert_same(got.outputs, want.outputs, 1e-5, "outputs")
+    _assert_same(got.dx, want.dx, 1e-5, "d inputs")
+    assert got.grads.keys() == want.grads.keys()
+    for name in got.grads:
+        _assert_same(got.grads[name], want.grads[name], 1e-5, f"d {name}")
+    for name in ("moving_mean", "moving_variance"):
+        _assert_same(got.moving[name], want.moving[name], 1e-5, name)
+    _check_float64(got, w0, x, dy, axis % len(shape), 0.5, 1e-5)
     # Inference with the updated statistics, fast and reference.
     spy.clear()
     out_fast = _numpy(fast(x, training=False))
@@ -209,7 +215,9 @@ def test_large_mean_normalizes_exactly(spy, shape, fused):
     flat = y.reshape(-1, shape[-1])
     np.testing.assert_allclose(flat.std(axis=0), 1.0, atol=1e-3)
     np.testing.assert_allclose(flat.mean(axis=0), 0.0, atol=1e-3)
-    _, mu, var = ref.batch_stats(x, (3,))
+    y_ref, mu, var = ref.forward_train(x, (3,), np.ones(shape[-1]),
+                                       np.zeros(shape[-1]), EPS)
+    ref.assert_close(y, y_ref, tol=1e-3, what="outputs (float64)")
     np.testing.assert_allclose(_numpy(layer.moving_mean), mu.ravel(),
                                rtol=1e-6)
     np.testing.assert_allclose(_numpy(layer.moving_variance), var.ravel(),
@@ -269,14 +277,14 @@ def test_large_mean_gradients_match_reference_path(spy, fused):
     fast, slow = _pair(rng, shape, fused=fused)
     x = (-1e4 + rng.normal(size=shape) * 0.5).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
-    y_fast, dx_fast, g_fast = _grads(fast, x, dy)
+    got = _run(fast, x, dy)
     _check_ran(spy, fused)
-    y_slow, dx_slow, g_slow = _grads(slow, x, dy)
-    _assert_same(y_fast, y_slow, 1e-4, "outputs")
+    want = _run(slow, x, dy)
+    _assert_same(got.outputs, want.outputs, 1e-4, "outputs")
     # dx scales with gamma / std = 2 / 0.5 here.
-    _assert_same(dx_fast, dx_slow, 1e-4, "d inputs")
-    for name in g_fast:
-        _assert_same(g_fast[name], g_slow[name], 1e-4, f"d {name}")
+    _assert_same(got.dx, want.dx, 1e-4, "d inputs")
+    for name in got.grads:
+        _assert_same(got.grads[name], want.grads[name], 1e-4, f"d {name}")
 
 
 @BOTH_PATHS
@@ -316,13 +324,16 @@ def test_declines_where_it_would_change_results(spy, options):
     x = rng.normal(size=shape).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     mask = (rng.uniform(size=shape[:3]) > 0.3) if use_mask else None
-    y_fast, dx_fast, g_fast = _grads(fast, x, dy, mask=mask)
+    got = _run(fast, x, dy, mask=mask)
     assert ("fused_train", True) not in spy
-    y_slow, dx_slow, g_slow = _grads(slow, x, dy, mask=mask)
-    np.testing.assert_array_equal(y_fast, y_slow)
-    np.testing.assert_array_equal(dx_fast, dx_slow)
-    for a, b in zip(_moving(fast), _moving(slow)):
-        np.testing.assert_array_equal(a, b)
+    want = _run(slow, x, dy, mask=mask)
+    np.testing.assert_array_equal(got.outputs, want.outputs)
+    np.testing.assert_array_equal(got.dx, want.dx)
+    for name in got.grads:
+        np.testing.assert_array_equal(got.grads[name], want.grads[name])
+    assert got.moving.keys() == want.moving.keys()
+    for name in got.moving:
+        np.testing.assert_array_equal(got.moving[name], want.moving[name])
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF's CPU size floor")
@@ -361,7 +372,9 @@ def test_half_precision_matches_reference_path(spy, dtype, offset, fused):
     shape = (16, 3, 3, 4)
     policy = f"mixed_{dtype}"
     fast, slow = _pair(rng, shape, fused=fused, dtype=policy)
+    w0 = weights64(fast)
     x = keras.ops.cast(rng.normal(size=shape) * 3.0 + offset, dtype)
+    x_seen = _numpy(x).astype(np.float64)  # the half-precision values
     y_fast = fast(x, training=True)
     _check_ran(spy, fused)
     y_slow = slow(x, training=True)
@@ -370,48 +383,60 @@ def test_half_precision_matches_reference_path(spy, dtype, offset, fused):
     # roundoff is 2^-8 for bfloat16, 2^-11 for float16).
     tol = 2.0**-7 if dtype == "bfloat16" else 2.0**-9
     _assert_same(_numpy(y_fast), _numpy(y_slow), tol, "outputs")
+    y_ref, mu, var = ref.forward_train(x_seen, (3,), w0["gamma"], w0["beta"],
+                                       EPS)
+    ref.assert_close(_numpy(y_fast), y_ref, tol=tol, what="outputs (float64)")
     # Statistics in float32 whatever the input.
     for a, b in zip(_moving(fast), _moving(slow)):
         _assert_same(a, b, 1e-5, "moving statistics")
+    for a, name, batch in zip(_moving(fast), ("moving_mean",
+                                              "moving_variance"), (mu, var)):
+        ref.assert_close(a, ref.ema(w0[name], batch.ravel(), 0.5),
+                         what=f"{name} (float64)")
     out_fast = _numpy(fast(x, training=False))
     _assert_same(out_fast, _numpy(slow(x, training=False)), tol,
                  "inference outputs")
+    mean, variance = _moving(fast)
+    ref.assert_close(out_fast, ref.forward_infer(
+        x_seen, (3,), w0["gamma"], w0["beta"], mean, variance, EPS), tol=tol,
+        what="inference outputs (float64)")
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function / XLA")
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("mode", _execution.modes())
+@pytest.mark.parametrize("offset", [0.5, 3e3], ids=["small", "offset"])
 @BOTH_PATHS
-def test_tf_function_and_xla(spy, jit_compile, fused):
-    import tensorflow as tf
-
+def test_every_mode_matches_reference_path(spy, mode, offset, fused):
+    """Each of the backend's execution modes (eager, tf.function and XLA
+    with the batch size unknown as in model.fit, jax.jit, torch.compile):
+    the fast path's training outputs, gradients and moving statistics
+    against the eager reference path's and float64, then inference in the
+    same mode. A large common offset: XLA's own lowering forms
+    E[x^2] - E[x]^2."""
     rng = np.random.default_rng(8)
     shape = (32, 4, 4, 3)
     fast, slow = _pair(rng, shape, fused=fused)
-    # A large common offset: XLA's own lowering forms E[x^2] - E[x]^2.
-    x = tf.constant((3e3 + rng.normal(size=shape)).astype("float32"))
-    dy = tf.constant(rng.normal(size=shape).astype("float32"))
-
-    def step(layer):
-        # Unknown batch size, as in model.fit.
-        @tf.function(jit_compile=jit_compile, input_signature=[
-            tf.TensorSpec((None,) + shape[1:], tf.float32)])
-        def run(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True)
-            variables = [w.value for w in layer.trainable_weights]
-            return y, tape.gradient(y, [x] + variables, output_gradients=dy)
-
-        return run(x)
-
-    y_fast, g_fast = step(fast)
-    _check_ran(spy, fused)
-    y_slow, g_slow = step(slow)
-    _assert_same(y_fast.numpy(), y_slow.numpy(), 1e-5, "outputs")
-    for a, b in zip(g_fast, g_slow):
-        _assert_same(a.numpy(), b.numpy(), 1e-4, "gradients")
-    for a, b in zip(_moving(fast), _moving(slow)):
-        _assert_same(a, b, 1e-5, "moving statistics")
+    w0 = weights64(fast)
+    x = (offset + rng.normal(size=shape)).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    got = _run(fast, x, dy, mode=mode, unknown_batch=True)
+    _check_ran(spy, fused, mode=mode)
+    want = _run(slow, x, dy)
+    _assert_same(got.outputs, want.outputs, 1e-5, "outputs")
+    _assert_same(got.dx, want.dx, 1e-4, "d inputs")
+    for name in want.grads:
+        _assert_same(got.grads[name], want.grads[name], 1e-4, f"d {name}")
+    for name in want.moving:
+        _assert_same(got.moving[name], want.moving[name], 1e-5, name)
+    _check_float64(got, w0, x, dy, 3, 0.5, 1e-4)
+    spy.clear()
+    infer = _execution.run(fast, x, mode=mode, training=False, grad=False,
+                           unknown_batch=True)
+    moving = weights64(fast)
+    expected = ref.forward_infer(x, (3,), w0["gamma"], w0["beta"],
+                                 moving["moving_mean"],
+                                 moving["moving_variance"], EPS)
+    ref.assert_close(infer.outputs, expected, tol=1e-5,
+                     what="inference outputs (float64)")
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF's grouped statistics")
@@ -422,8 +447,6 @@ def test_tf_grouped_statistics_match_float64_for_any_batch(
     """Groups of 4 rows or fewer plus a remainder group (none for 4 rows;
     1 row: a single group of 1), batch size unknown when traced, against
     the float64 reference: the grouping and pooling lose nothing."""
-    import tensorflow as tf
-
     from keras_bn.backends import tensorflow_backend
 
     monkeypatch.setattr(tensorflow_backend, "_GROUP_ROWS", 4)
@@ -439,62 +462,21 @@ def test_tf_grouped_statistics_match_float64_for_any_batch(
     layer.gamma.assign(gamma.astype("float32"))
     layer.beta.assign(beta.astype("float32"))
 
-    @tf.function(input_signature=[tf.TensorSpec((None, 5), tf.float32)])
-    def run(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        return y, tape.gradient(y, [x, layer.gamma.value, layer.beta.value],
-                                output_gradients=dy)
-
-    y, (dx, dgamma, dbeta) = run(tf.constant(x))
+    result = _run(layer, x, dy, mode="function", unknown_batch=True)
     _check_ran(spy, None)
     expected, mu, var = ref.forward_train(x, (1,), gamma, beta, EPS)
-    ref.assert_close(y.numpy(), expected, tol=1e-5, what="outputs")
+    ref.assert_close(result.outputs, expected, tol=1e-5, what="outputs")
     dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (1,), gamma,
                                                        EPS)
-    ref.assert_close(dx.numpy(), dx_ref, tol=1e-5, what="d inputs")
-    ref.assert_close(dgamma.numpy(), dgamma_ref, tol=1e-5, what="d gamma")
-    ref.assert_close(dbeta.numpy(), dbeta_ref, tol=1e-5, what="d beta")
-    mean, variance = _moving(layer)
+    ref.assert_close(result.dx, dx_ref, tol=1e-5, what="d inputs")
+    ref.assert_close(result.grads["gamma"], dgamma_ref, tol=1e-5,
+                     what="d gamma")
+    ref.assert_close(result.grads["beta"], dbeta_ref, tol=1e-5,
+                     what="d beta")
+    mean, variance = (result.moving["moving_mean"],
+                      result.moving["moving_variance"])
     ref.assert_close(mean, mu.ravel(), tol=1e-7, what="moving mean")
     ref.assert_close(variance, var.ravel(), tol=1e-6, what="moving variance")
-
-
-@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit")
-def test_jax_jit_and_grad(spy):
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(9)
-    shape = (16, 3, 3, 4)
-    fast, slow = _pair(rng, shape)
-    x = jnp.asarray(rng.normal(size=shape).astype("float32") + 50.0)
-
-    def loss_and_grads(layer):
-        tv = [w.value for w in layer.trainable_weights]
-        ntv = [w.value for w in layer.non_trainable_weights]
-
-        @jax.jit
-        def run(tv, x):
-            def loss(tv, x):
-                y, new = layer.stateless_call(tv, ntv, x, training=True)
-                return jnp.sum(jnp.sin(y)), new
-
-            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-                tv, x)
-
-        (value, new), grads = run(tv, x)
-        return value, jax.tree_util.tree_leaves(grads), new
-
-    v_fast, g_fast, n_fast = loss_and_grads(fast)
-    assert ("fused_train", True) in spy
-    v_slow, g_slow, n_slow = loss_and_grads(slow)
-    _assert_same(v_fast, v_slow, 1e-5, "loss")
-    for a, b in zip(g_fast, g_slow):
-        _assert_same(a, b, 1e-5, "gradients")
-    for a, b in zip(n_fast, n_slow):
-        _assert_same(a, b, 1e-5, "moving statistics")
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch layout")
@@ -519,35 +501,13 @@ def test_torch_channels_last_view_and_autograd(spy, fused):
     _assert_same(x.grad.numpy(), x2.grad.numpy(), 1e-5, "d inputs")
 
 
-def _tf_xla_grads(layer, x, dy):
-    """`call_with_grads` compiled with XLA (TensorFlow)."""
-    import tensorflow as tf
-
-    variables = [w.value for w in layer.trainable_weights]
-
-    @tf.function(jit_compile=True)
-    def run(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        return y, tape.gradient(y, [x] + variables, output_gradients=dy)
-
-    y, (dx, *grads) = run(tf.constant(x))
-    names = [w.name for w in layer.trainable_weights]
-    return y.numpy(), dx.numpy(), {n: g.numpy() for n, g in zip(names, grads)}
-
-
-@pytest.mark.parametrize("xla", [
-    False,
-    pytest.param(True, marks=pytest.mark.skipif(
-        BACKEND != "tensorflow", reason="TensorFlow's XLA path")),
-], ids=["default", "xla"])
-def test_default_training_is_exact_on_long_reductions(spy, xla):
+@pytest.mark.parametrize("mode", _execution.modes())
+def test_default_training_is_exact_on_long_reductions(spy, mode):
     """ReLU-like activations, 57,600 values a channel (a CIFAR conv layer's
     batch of 64): by default training is within 1e-5 of float64 on outputs,
-    gradients and statistics, on the backend's exact fast path (also
-    TensorFlow's under XLA, whose lowering of chained reductions forms one
-    long float32 sum again). The backends' kernels as they are
+    gradients and statistics, on the backend's exact fast path, in every
+    mode (also TensorFlow's under XLA, whose lowering of chained reductions
+    forms one long float32 sum again). The backends' kernels as they are
     (fused=True) sum in float32 and land 3e-4 (outputs) to 1e-3 (dx) away on
     TensorFlow and PyTorch CPU."""
     rng = np.random.default_rng(12)
@@ -556,18 +516,18 @@ def test_default_training_is_exact_on_long_reductions(spy, xla):
     dy = rng.normal(size=shape).astype("float32")
     layer = keras_bn.BatchNormalization(momentum=0.0)
     layer.build(shape)
-    if xla:
-        y, dx, grads = _tf_xla_grads(layer, x, dy)
-    else:
-        y, dx, grads = _grads(layer, x, dy)
-    _check_ran(spy, None)
+    result = _run(layer, x, dy, mode=mode)
+    _check_ran(spy, None, mode=mode)
     ones, zeros = np.ones(8), np.zeros(8)
     expected, mu, var = ref.forward_train(x, (3,), ones, zeros, EPS)
-    ref.assert_close(y, expected, tol=1e-5, what="outputs")
+    ref.assert_close(result.outputs, expected, tol=1e-5, what="outputs")
     dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (3,), ones, EPS)
-    ref.assert_close(dx, dx_ref, tol=1e-5, what="d inputs")
-    ref.assert_close(grads["gamma"], dgamma_ref, tol=1e-5, what="d gamma")
-    ref.assert_close(grads["beta"], dbeta_ref, tol=1e-5, what="d beta")
-    mean, variance = _moving(layer)
+    ref.assert_close(result.dx, dx_ref, tol=1e-5, what="d inputs")
+    ref.assert_close(result.grads["gamma"], dgamma_ref, tol=1e-5,
+                     what="d gamma")
+    ref.assert_close(result.grads["beta"], dbeta_ref, tol=1e-5,
+                     what="d beta")
+    mean, variance = (result.moving["moving_mean"],
+                      result.moving["moving_variance"])
     ref.assert_close(mean, mu.ravel(), tol=1e-6, what="moving mean")
     ref.assert_close(variance, var.ravel(), tol=1e-6, what="moving variance")
