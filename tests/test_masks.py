@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import keras_bn
+from keras_bn import _execution
 from tests import reference as ref
-from tests.autodiff import call_with_grads
 
 EPS = 1e-3
 MOMENTUM = 0.5
@@ -57,6 +57,19 @@ def _reference(x, mask, feat, gamma, beta, moving):
     return y, w, full, new_mean, new_var
 
 
+def _mixed_gradients(x, dy, w, feat, full, gamma, moving):
+    """Gradients where some channels have no values: the masked training
+    ones in the channels with values, the inference ones (the moving
+    statistics, constants) in the others."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty: 0/0
+        dx_t, dg_t, db_t = ref.backward_train(x, dy, feat, gamma, EPS, w)
+    dx_i, dg_i, db_i = ref.backward_infer(x, dy, feat, gamma, moving[0],
+                                          moving[1], EPS)
+    pick = ref.param(full, x, feat) > 0
+    return (np.where(pick, dx_t, dx_i), np.where(full, dg_t, dg_i),
+            np.where(full, db_t, db_i))
+
+
 @pytest.mark.parametrize("shape,axis,mask_shape", CASES,
                          ids=lambda v: str(v).replace(" ", ""))
 def test_rank_minus_one_mask_is_read_as_keras_reads_it(shape, axis, mask_shape):
@@ -74,18 +87,56 @@ def test_rank_minus_one_mask_is_read_as_keras_reads_it(shape, axis, mask_shape):
     moving = tuple(keras.ops.convert_to_numpy(v).astype(np.float64)
                    for v in (layer.moving_mean, layer.moving_variance))
 
-    y, dx, grads = call_with_grads(layer, x, dy, training=True, mask=mask)
+    result = _execution.run(layer, x, training=True, mask=mask, upstream=dy)
 
     y_ref, w, full, mean_ref, var_ref = _reference(
         x, mask, feat, gamma, beta, moving)
-    ref.assert_close(y, y_ref, what="outputs")
-    ref.assert_close(layer.moving_mean, mean_ref, what="moving_mean")
-    ref.assert_close(layer.moving_variance, var_ref, what="moving_variance")
-    if full.all():
-        dx_ref, dg_ref, db_ref = ref.backward_train(x, dy, feat, gamma, EPS, w)
-        ref.assert_close(dx, dx_ref, what="dx")
-        ref.assert_close(grads["gamma"], dg_ref, what="dgamma")
-        ref.assert_close(grads["beta"], db_ref, what="dbeta")
+    ref.assert_close(result.outputs, y_ref, what="outputs")
+    ref.assert_close(result.moving["moving_mean"], mean_ref,
+                     what="moving_mean")
+    ref.assert_close(result.moving["moving_variance"], var_ref,
+                     what="moving_variance")
+    dx_ref, dg_ref, db_ref = _mixed_gradients(x, dy, w, feat, full, gamma,
+                                              moving)
+    ref.assert_close(result.dx, dx_ref, what="dx")
+    ref.assert_close(result.grads["gamma"], dg_ref, what="dgamma")
+    ref.assert_close(result.grads["beta"], db_ref, what="dbeta")
+
+
+def test_channel_without_values_normalizes_with_moving_statistics():
+    """A mask that empties channel 1 of `axis=1`: that channel's outputs
+    and gradients are inference's (the moving statistics, which it keeps),
+    the others' those of their masked batch; nothing is NaN."""
+    rng = np.random.default_rng(5)
+    shape, feat = (5, 3, 4), (1,)
+    x = rng.normal(5.0, 10.0, shape).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    mask = rng.uniform(size=(5, 3)) < 0.6
+    mask[0] = True
+    mask[:, 1] = False
+    layer = keras_bn.BatchNormalization(axis=1, momentum=MOMENTUM,
+                                        epsilon=EPS)
+    layer.build(shape)
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
+    moving = (rng.normal(size=3), rng.uniform(0.5, 2.0, 3))
+    layer.set_weights([v.astype("float32") for v in (gamma, beta, *moving)])
+    gamma, beta, *moving = [w.astype(np.float64) for w in layer.get_weights()]
+
+    result = _execution.run(layer, x, mask=mask, upstream=dy)
+
+    y_ref, w, full, mean_ref, var_ref = _reference(
+        x, mask, feat, gamma, beta, moving)
+    assert full.tolist() == [True, False, True]
+    ref.assert_close(result.outputs, y_ref, what="outputs")
+    ref.assert_close(result.moving["moving_mean"], mean_ref,
+                     what="moving_mean")
+    ref.assert_close(result.moving["moving_variance"], var_ref,
+                     what="moving_variance")
+    dx_ref, dg_ref, db_ref = _mixed_gradients(x, dy, w, feat, full, gamma,
+                                              moving)
+    ref.assert_close(result.dx, dx_ref, what="dx")
+    ref.assert_close(result.grads["gamma"], dg_ref, what="dgamma")
+    ref.assert_close(result.grads["beta"], db_ref, what="dbeta")
 
 
 @pytest.mark.parametrize("shape,axis,mask_shape", CASES,
