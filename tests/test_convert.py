@@ -13,6 +13,8 @@ import pytest
 
 import keras_bn
 from keras_bn.convert import convert
+from tests.applications import INPUT_SHAPE
+from tests.applications import application
 from tests.bn_models import all_layers as _all_layers
 from tests.bn_models import randomize_bn as _randomize_bn
 
@@ -122,15 +124,12 @@ def test_dtype_policy_carries_over():
 
 
 @pytest.mark.parametrize("name, shape", [
-    ("ResNet50", (32, 32, 3)),
-    ("MobileNetV2", (32, 32, 3)),
+    ("ResNet50", INPUT_SHAPE),
+    ("MobileNetV2", INPUT_SHAPE),
 ])
 def test_keras_applications(name, shape):
-    model = getattr(keras.applications, name)(
-        weights=None, input_shape=shape, classes=10,
-        classifier_activation=None,
-    )
-    _randomize_bn(model)
+    # Built once per process, shared with test_fold (read only).
+    model = application(name)
     x = np.random.default_rng(4).uniform(0, 1, (2,) + shape).astype(
         "float32")
     n_bn = _count(model, _KERAS_BN)

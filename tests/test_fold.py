@@ -18,6 +18,7 @@ import pytest
 
 import keras_bn
 from keras_bn.fold import FoldReport
+from tests.applications import application
 from tests.bn_models import BN_CLASSES as _BNS
 from tests.bn_models import all_layers as _layers
 from tests.bn_models import layer_paths as _paths
@@ -177,10 +178,8 @@ def test_fold_math_against_float64_numpy():
 
 @pytest.mark.parametrize("name", ["MobileNetV2", "ResNet50"])
 def test_keras_applications_fold_completely(name):
-    model = getattr(keras.applications, name)(
-        weights=None, input_shape=(32, 32, 3), classes=10,
-        classifier_activation=None)
-    _randomize_bn(model)
+    # Built once per process, shared with test_convert (read only).
+    model = application(name)
     n_bn = _bn_count(model)
     assert n_bn > 30
     folded, report = keras_bn.fold(model, return_report=True)
