@@ -439,6 +439,39 @@ def test_every_mode_matches_reference_path(spy, mode, offset, fused):
                      what="inference outputs (float64)")
 
 
+@pytest.mark.parametrize("mode", _execution.modes())
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@BOTH_PATHS
+def test_half_precision_gradients_in_every_mode(spy, mode, dtype, fused):
+    """Half-precision training with gradients in each execution mode,
+    against float64: outputs and dx within two roundings to the half type,
+    d gamma and d beta (float32 weights) within 1e-5."""
+    rng = np.random.default_rng(14)
+    shape = (16, 3, 3, 4)
+    layer = keras_bn.BatchNormalization(momentum=0.5, fused=fused,
+                                        dtype=f"mixed_{dtype}")
+    layer.build(shape)
+    w0 = weights64(randomize_bn(layer, rng))
+    x = keras.ops.cast(rng.normal(size=shape) * 3.0 + 0.5, dtype)
+    dy = keras.ops.cast(rng.normal(size=shape), dtype)
+    x_seen, dy_seen = (_numpy(t).astype(np.float64) for t in (x, dy))
+    result = _run(layer, x, dy, mode=mode)
+    _check_ran(spy, fused, mode=mode)
+    assert result.dtype == dtype
+    tol = 2.0**-7 if dtype == "bfloat16" else 2.0**-9
+    y_ref, mu, var = ref.forward_train(x_seen, (3,), w0["gamma"], w0["beta"],
+                                       EPS)
+    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(
+        x_seen, dy_seen, (3,), w0["gamma"], EPS)
+    ref.assert_close(result.outputs, y_ref, tol=tol, what="outputs")
+    ref.assert_close(result.dx, dx_ref, tol=tol, what="d inputs")
+    ref.assert_close(result.grads["gamma"], dgamma_ref, what="d gamma")
+    ref.assert_close(result.grads["beta"], dbeta_ref, what="d beta")
+    for name, batch in (("moving_mean", mu), ("moving_variance", var)):
+        ref.assert_close(result.moving[name],
+                         ref.ema(w0[name], batch.ravel(), 0.5), what=name)
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF's grouped statistics")
 @pytest.mark.parametrize("rows", [1, 3, 4, 10, 23])
 @pytest.mark.parametrize("offset", [0.5, 1e4])

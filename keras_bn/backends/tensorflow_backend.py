@@ -81,15 +81,15 @@ def _scale_offset(gamma, beta, channels):
             ones * 0.0 if beta is None else tf.convert_to_tensor(beta))
 
 
-def _fbn_grad(dy, x4, scale, r1, r2, r3, epsilon, data_format):
+def _fbn_grad(dy, x4, scale, r1, r2, r3, epsilon, data_format, dtype):
     """FusedBatchNormGradV3 in training mode: `(dx, dscale, doffset)`,
-    dx in `x4`'s dtype."""
+    dx in `dtype` (the layer input's: `x4` may be a float32 shifted copy)."""
     dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
         y_backprop=dy, x=x4, scale=scale, reserve_space_1=r1,
         reserve_space_2=r2, reserve_space_3=r3, epsilon=epsilon,
         data_format=data_format, is_training=True,
     )[:3]
-    return tf.cast(dx, x4.dtype), dscale, doffset
+    return tf.cast(dx, dtype), dscale, doffset
 
 
 def _kernel_m2(variance, n):
@@ -295,7 +295,7 @@ def _exact_train(x, gamma, beta, epsilon, axis):
 
             def backward(xk, dyk):
                 return _fbn_grad(dyk, xk, scale, center, var, empty, epsilon,
-                                 "NHWC")
+                                 "NHWC", x4.dtype)
 
             return tf.cond(
                 bad,
@@ -357,7 +357,8 @@ def _kernel_train(x, gamma, beta, epsilon, axis):
             del dmean, dvar
 
             def backward(xk, dyk):
-                return _fbn_grad(dyk, xk, scale, r1, r2, r3, epsilon, fmt)
+                return _fbn_grad(dyk, xk, scale, r1, r2, r3, epsilon, fmt,
+                                 x4.dtype)
 
             def shifted_backward():
                 # Recomputes the shifted input instead of keeping it alive.
