@@ -66,6 +66,24 @@ def _pair(rng, shape, momentum=0.5, fused=True, **kwargs):
     return fast, slow
 
 
+def _assert_float64_training(result, x, dy, axis, gamma, beta, mean_tol):
+    """A momentum-0 training call's outputs, gradients (VJPs with `dy`) and
+    new moving statistics against the float64 reference."""
+    expected, mu, var = ref.forward_train(x, (axis,), gamma, beta, EPS)
+    ref.assert_close(result.outputs, expected, tol=1e-5, what="outputs")
+    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (axis,), gamma,
+                                                       EPS)
+    ref.assert_close(result.dx, dx_ref, tol=1e-5, what="d inputs")
+    ref.assert_close(result.grads["gamma"], dgamma_ref, tol=1e-5,
+                     what="d gamma")
+    ref.assert_close(result.grads["beta"], dbeta_ref, tol=1e-5,
+                     what="d beta")
+    ref.assert_close(result.moving["moving_mean"], mu.ravel(), tol=mean_tol,
+                     what="moving mean")
+    ref.assert_close(result.moving["moving_variance"], var.ravel(), tol=1e-6,
+                     what="moving variance")
+
+
 def _run(layer, x, dy, mask=None, mode=MODE, **kwargs):
     """A training call with gradients (VJPs with `dy`), see _execution."""
     return _execution.run(layer, x, mode=mode, upstream=dy, mask=mask,
@@ -497,19 +515,7 @@ def test_tf_grouped_statistics_match_float64_for_any_batch(
 
     result = _run(layer, x, dy, mode="function", unknown_batch=True)
     _check_ran(spy, None)
-    expected, mu, var = ref.forward_train(x, (1,), gamma, beta, EPS)
-    ref.assert_close(result.outputs, expected, tol=1e-5, what="outputs")
-    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (1,), gamma,
-                                                       EPS)
-    ref.assert_close(result.dx, dx_ref, tol=1e-5, what="d inputs")
-    ref.assert_close(result.grads["gamma"], dgamma_ref, tol=1e-5,
-                     what="d gamma")
-    ref.assert_close(result.grads["beta"], dbeta_ref, tol=1e-5,
-                     what="d beta")
-    mean, variance = (result.moving["moving_mean"],
-                      result.moving["moving_variance"])
-    ref.assert_close(mean, mu.ravel(), tol=1e-7, what="moving mean")
-    ref.assert_close(variance, var.ravel(), tol=1e-6, what="moving variance")
+    _assert_float64_training(result, x, dy, 1, gamma, beta, mean_tol=1e-7)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch layout")
@@ -551,16 +557,5 @@ def test_default_training_is_exact_on_long_reductions(spy, mode):
     layer.build(shape)
     result = _run(layer, x, dy, mode=mode)
     _check_ran(spy, None, mode=mode)
-    ones, zeros = np.ones(8), np.zeros(8)
-    expected, mu, var = ref.forward_train(x, (3,), ones, zeros, EPS)
-    ref.assert_close(result.outputs, expected, tol=1e-5, what="outputs")
-    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(x, dy, (3,), ones, EPS)
-    ref.assert_close(result.dx, dx_ref, tol=1e-5, what="d inputs")
-    ref.assert_close(result.grads["gamma"], dgamma_ref, tol=1e-5,
-                     what="d gamma")
-    ref.assert_close(result.grads["beta"], dbeta_ref, tol=1e-5,
-                     what="d beta")
-    mean, variance = (result.moving["moving_mean"],
-                      result.moving["moving_variance"])
-    ref.assert_close(mean, mu.ravel(), tol=1e-6, what="moving mean")
-    ref.assert_close(variance, var.ravel(), tol=1e-6, what="moving variance")
+    _assert_float64_training(result, x, dy, 3, np.ones(8), np.zeros(8),
+                             mean_tol=1e-6)
