@@ -556,12 +556,13 @@ class BatchNormalization(keras.layers.Layer):
         keepdims = group is not None or not self._channels_last
         count, shift, delta, m2 = moments.shifted_moments(
             x, axes, weights, keepdims=keepdims)
-        backend = backends.get()
-        if (isinstance(count, float)
-                and (group is not None or self.synchronized)):
-            count = ops.full_like(m2, count)  # pooled below
+        pooled = group is not None or (
+            self.synchronized and backends.get().num_replicas() > 1)
+        if isinstance(count, float) and pooled:
+            count = ops.full_like(m2, count)  # stacked and pooled below
         if self.synchronized and group is None:
-            count, delta, m2 = backend.cross_replica(count, shift, delta, m2)
+            count, delta, m2 = backends.get().cross_replica(
+                count, shift, delta, m2)
         safe = max(count, 1.0) if isinstance(count, float) else ops.maximum(
             count, 1.0)
         variance = m2 / safe
