@@ -70,6 +70,25 @@ def _mixed_gradients(x, dy, w, feat, full, gamma, moving):
             np.where(full, db_t, db_i))
 
 
+def _assert_matches_reference(result, x, dy, mask, feat, gamma, beta,
+                              moving):
+    """A masked training call's outputs, moving statistics and gradients
+    against the float64 reference; returns which channels kept values."""
+    y_ref, w, full, mean_ref, var_ref = _reference(
+        x, mask, feat, gamma, beta, moving)
+    ref.assert_close(result.outputs, y_ref, what="outputs")
+    ref.assert_close(result.moving["moving_mean"], mean_ref,
+                     what="moving_mean")
+    ref.assert_close(result.moving["moving_variance"], var_ref,
+                     what="moving_variance")
+    dx_ref, dg_ref, db_ref = _mixed_gradients(x, dy, w, feat, full, gamma,
+                                              moving)
+    ref.assert_close(result.dx, dx_ref, what="dx")
+    ref.assert_close(result.grads["gamma"], dg_ref, what="dgamma")
+    ref.assert_close(result.grads["beta"], db_ref, what="dbeta")
+    return full
+
+
 @pytest.mark.parametrize("shape,axis,mask_shape", CASES,
                          ids=lambda v: str(v).replace(" ", ""))
 def test_rank_minus_one_mask_is_read_as_keras_reads_it(shape, axis, mask_shape):
@@ -89,18 +108,7 @@ def test_rank_minus_one_mask_is_read_as_keras_reads_it(shape, axis, mask_shape):
 
     result = _execution.run(layer, x, training=True, mask=mask, upstream=dy)
 
-    y_ref, w, full, mean_ref, var_ref = _reference(
-        x, mask, feat, gamma, beta, moving)
-    ref.assert_close(result.outputs, y_ref, what="outputs")
-    ref.assert_close(result.moving["moving_mean"], mean_ref,
-                     what="moving_mean")
-    ref.assert_close(result.moving["moving_variance"], var_ref,
-                     what="moving_variance")
-    dx_ref, dg_ref, db_ref = _mixed_gradients(x, dy, w, feat, full, gamma,
-                                              moving)
-    ref.assert_close(result.dx, dx_ref, what="dx")
-    ref.assert_close(result.grads["gamma"], dg_ref, what="dgamma")
-    ref.assert_close(result.grads["beta"], db_ref, what="dbeta")
+    _assert_matches_reference(result, x, dy, mask, feat, gamma, beta, moving)
 
 
 def test_channel_without_values_normalizes_with_moving_statistics():
@@ -124,19 +132,9 @@ def test_channel_without_values_normalizes_with_moving_statistics():
 
     result = _execution.run(layer, x, mask=mask, upstream=dy)
 
-    y_ref, w, full, mean_ref, var_ref = _reference(
-        x, mask, feat, gamma, beta, moving)
+    full = _assert_matches_reference(result, x, dy, mask, feat, gamma, beta,
+                                     moving)
     assert full.tolist() == [True, False, True]
-    ref.assert_close(result.outputs, y_ref, what="outputs")
-    ref.assert_close(result.moving["moving_mean"], mean_ref,
-                     what="moving_mean")
-    ref.assert_close(result.moving["moving_variance"], var_ref,
-                     what="moving_variance")
-    dx_ref, dg_ref, db_ref = _mixed_gradients(x, dy, w, feat, full, gamma,
-                                              moving)
-    ref.assert_close(result.dx, dx_ref, what="dx")
-    ref.assert_close(result.grads["gamma"], dg_ref, what="dgamma")
-    ref.assert_close(result.grads["beta"], db_ref, what="dbeta")
 
 
 @pytest.mark.parametrize("shape,axis,mask_shape", CASES,
