@@ -275,9 +275,14 @@ def _machine_line(path: Path, result: dict, commit: bool = False) -> str:
             + (f", commit {m.get('git_commit')}." if commit else "."))
 
 
+def _result_files(results_dir: Path, kind: str) -> list[Path]:
+    """The `bench_models_<kind>_<backend>*.json` files, in backend order."""
+    return [p for b in common.BACKENDS
+            for p in sorted(results_dir.glob(f"bench_models_{kind}_{b}*.json"))]
+
+
 def render_fold(results_dir: Path) -> list[str]:
-    paths = [p for b in common.BACKENDS
-             for p in sorted(results_dir.glob(f"bench_models_fold_{b}*.json"))]
+    paths = _result_files(results_dir, "fold")
     if not paths:
         return []
     parts = ["## Inference after `keras_bn.fold`", "",
@@ -312,8 +317,7 @@ def render_fold(results_dir: Path) -> list[str]:
 
 
 def render_small(results_dir: Path) -> list[str]:
-    paths = [p for b in common.BACKENDS
-             for p in sorted(results_dir.glob(f"bench_models_small_{b}*.json"))]
+    paths = _result_files(results_dir, "small")
     if not paths:
         return []
     parts = ["## Small models: ours against Keras's layer", "",

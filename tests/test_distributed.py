@@ -12,7 +12,6 @@ import sys
 
 import keras
 import numpy as np
-import pytest
 
 import keras_bn
 from tests import reference as ref

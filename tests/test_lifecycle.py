@@ -11,9 +11,7 @@ test_lifecycle_export.py.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 
 import keras
 import numpy as np
