@@ -60,10 +60,19 @@ def _rows(runs: Path, side: str, backend: str, suffix: str) -> dict:
                 if t:
                     key = ("x".join(map(str, row["shape"])), row["dtype"],
                            row["mode"], variant)
-                    native = row["times"]["native"]["median_ms"]
+                    native = row["times"].get("native")  # none on JAX
+                    relative = (t["median_ms"] / native["median_ms"]
+                                if native else None)
                     rows.setdefault(key, []).append(
-                        (t["median_ms"], t["min_ms"], t["median_ms"] / native))
+                        (t["median_ms"], t["min_ms"], relative))
     return rows
+
+
+def _relative(old, new) -> float | None:
+    if any(r is None for *_, r in old + new):
+        return None
+    return (statistics.median(r for *_, r in new)
+            / statistics.median(r for *_, r in old))
 
 
 def summarize(runs: Path, backends, suffix: str) -> list[dict]:
@@ -80,8 +89,7 @@ def summarize(runs: Path, backends, suffix: str) -> list[dict]:
                 "old": o, "new": n,
                 "median_ratio": sum(m for m, *_ in n) / sum(medians),
                 "best_ratio": min(b for _, b, _ in n) / min(b for _, b, _ in o),
-                "native_relative_ratio": (statistics.median(r for *_, r in n)
-                                          / statistics.median(r for *_, r in o)),
+                "native_relative_ratio": _relative(o, n),
                 "old_spread": max(medians) / min(medians),
             })
     out.sort(key=lambda r: (r["backend"], r["variant"], r["shape"],
@@ -99,7 +107,7 @@ def render(rows: list[dict], title: str) -> str:
           " / ".join(f"{m:.2f}" for m, *_ in r["old"]),
           " / ".join(f"{m:.2f}" for m, *_ in r["new"]),
           f"{r['median_ratio']:.3f}", f"{r['best_ratio']:.3f}",
-          f"{r['old_spread']:.2f}", f"{r['native_relative_ratio']:.3f}"]
+          f"{r['old_spread']:.2f}", common.fmt(r["native_relative_ratio"], ".3f")]
          for r in rows])
     return f"# {title}\n\n{table}\n"
 

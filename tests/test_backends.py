@@ -115,3 +115,21 @@ def test_infer_kernel_matches_float64(name, shape, axis):
     p = lambda v: ref.param(v, x, (axis,))  # noqa: E731
     want = (x - p(mean)) / np.sqrt(p(var) + EPS) * p(gamma) + p(beta)
     ref.assert_close(keras.ops.convert_to_numpy(y), want, what="y")
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_moving_average_matches_float64(guarded):
+    rng = np.random.default_rng(zlib.crc32(f"{BACKEND}-ema".encode()))
+    old = rng.normal(size=6).astype("float32")
+    value = rng.normal(size=6).astype("float32")
+    ok = np.array([True, False, True, True, False, True])
+    if guarded:
+        value[~ok] = np.nan  # what the guard exists for
+    t = keras.ops.convert_to_tensor
+    got = keras.ops.convert_to_numpy(MODULE.moving_average(
+        t(old), t(value), 0.9, t(ok) if guarded else None))
+    want = old * 0.9 + value.astype("float64") * (1 - 0.9)
+    if guarded:
+        want = np.where(ok, want, old)
+    assert got.dtype == np.float32
+    ref.assert_close(got, want, 1e-6, what="moving average")

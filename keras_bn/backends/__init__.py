@@ -17,6 +17,8 @@ from typing import Protocol
 
 import keras
 
+from keras_bn.backends import _shared
+
 
 class Backend(Protocol):
     """The contract of a backend module.
@@ -58,6 +60,14 @@ class Backend(Protocol):
         any of `gpu`, `xla` (TensorFlow tracing for XLA) and `compiling`
         (torch.compile or torch.export tracing)."""
 
+    def moving_average(self, old, value, momentum: float, ok):
+        """`old * momentum + value * (1 - momentum)` where `ok` holds
+        (everywhere if `ok` is None), `old` elsewhere, for per-channel
+        tensors of one dtype that carry no gradient (the layer detaches
+        them). `_shared.moving_average` in `keras.ops`; a backend whose layer
+        calls run op by op (eager PyTorch) may use its own ops, with the
+        same formula and rounding."""
+
 
 class _Reference:
     """A backend without a module here (e.g. numpy): reference path only."""
@@ -77,6 +87,8 @@ class _Reference:
     @staticmethod
     def context() -> dict:
         return {}
+
+    moving_average = staticmethod(_shared.moving_average)
 
 
 _MODULES: dict = {}

@@ -1,10 +1,14 @@
-"""What the backend kernels share: the shift rule and the paper's backward.
+"""What the backend kernels share: the shift rule, the paper's backward
+and the moving-average update.
 
-Written with arithmetic operators only, so the same lines run on
-`tf.Tensor`, JAX arrays and `torch.Tensor`.
+Written with arithmetic operators (and `keras.ops` where an operator cannot
+say it), so the same lines run on `tf.Tensor`, JAX arrays and
+`torch.Tensor`.
 """
 
 from __future__ import annotations
+
+from keras import ops
 
 # A float32 kernel that sums `x` directly loses the variance once
 # |mean| / std exceeds about this ratio; past it, the kernels normalize
@@ -51,3 +55,11 @@ def gradient_coefficients(scale, inv, sum_dy, sum_dy_xhat, n):
     """Per-channel `(a, k, b)` with `dx = a * dy - k * (x - mean) - b`."""
     a = scale * inv
     return a, a * inv * (sum_dy_xhat / n), a * (sum_dy / n)
+
+
+def moving_average(old, value, momentum: float, ok):
+    """`Backend.moving_average` in `keras.ops`."""
+    new = old * momentum + value * (1.0 - momentum)
+    if ok is not None:
+        new = ops.where(ok, new, old)
+    return new

@@ -126,3 +126,5 @@ def _xla_train(x, gamma, beta, epsilon, axis):
 
 TRAIN = {paths.XLA: _xla_train}
 INFER = {}
+# Traced into the step's graph once, so keras.ops cost nothing per call.
+moving_average = _shared.moving_average

@@ -393,3 +393,5 @@ def _kernel_infer(x, mean, variance, gamma, beta, epsilon, axis):
 TRAIN = {paths.XLA: _xla_train, paths.EXACT_KERNEL: _exact_train,
          paths.KERNEL: _kernel_train}
 INFER = {paths.KERNEL: _kernel_infer}
+# Traced into the step's graph once, so keras.ops cost nothing per call.
+moving_average = _shared.moving_average

@@ -665,9 +665,7 @@ class BatchNormalization(keras.layers.Layer):
         same = keras.backend.standardize_dtype(old.dtype) == dtype
         if not same:
             old = ops.cast(old, dtype)
-        new = old * momentum + value * (1.0 - momentum)
-        if ok is not None:
-            new = ops.where(ok, new, old)
+        new = backends.get().moving_average(old, value, momentum, ok)
         variable.assign(new if same else ops.cast(new, variable.dtype))
         return new
 
