@@ -393,5 +393,9 @@ def _kernel_infer(x, mean, variance, gamma, beta, epsilon, axis):
 TRAIN = {paths.XLA: _xla_train, paths.EXACT_KERNEL: _exact_train,
          paths.KERNEL: _kernel_train}
 INFER = {paths.KERNEL: _kernel_infer}
-# Traced into the step's graph once, so keras.ops cost nothing per call.
-moving_average = _shared.moving_average
+
+
+def moving_average(old, value, momentum: float, ok):
+    """`_shared.moving_average`, traced once into the step's graph; `old`
+    (a variable) read once, not once per use."""
+    return _shared.moving_average(tf.identity(old), value, momentum, ok)

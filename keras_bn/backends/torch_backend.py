@@ -269,9 +269,11 @@ def _kernel_infer(x, mean, variance, gamma, beta, epsilon, axis):
 def moving_average(old, value, momentum: float, ok):
     """`Backend.moving_average` in torch's own ops: eager PyTorch runs the
     layer op by op, and each `keras.ops` call costs more than its kernel on
-    per-channel vectors. Same formula, so the same rounding."""
-    new = old * momentum + value * (1.0 - momentum)
-    return new if ok is None else torch.where(ok, new, old)
+    per-channel vectors. Same formula, so the same rounding; no autograd
+    graph for statistics that carry gradients (the reference path's)."""
+    with torch.no_grad():
+        new = old * momentum + value * (1.0 - momentum)
+        return new if ok is None else torch.where(ok, new, old)
 
 
 TRAIN = {paths.EXACT_KERNEL: _exact_train, paths.KERNEL: _kernel_train}

@@ -620,14 +620,14 @@ class BatchNormalization(keras.layers.Layer):
         r = d = None
         if self.renorm:
             r, d = self._renorm_correction(shift + delta, variance)
-        self._update_moving(*stats.moving, detach=True)
+        self._update_moving(*stats.moving)
         outputs = self._normalize(stats.x, shift, variance, r, d, delta)
         if stats.regrouped:
             outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
             outputs = outputs[:batch]
         return outputs
 
-    def _update_moving(self, count, mean, variance, detach=False):
+    def _update_moving(self, count, mean, variance):
         """Moves the moving statistics towards the batch's, per channel,
         skipping channels whose statistics are not finite.
 
@@ -635,17 +635,16 @@ class BatchNormalization(keras.layers.Layer):
         the others are per channel, in any shape that holds the variables'
         values. Every path computes the variance from deviations from the
         mean, so a non-finite mean (or input) makes it non-finite too, and
-        the guard checks the variance alone. `detach`: the statistics carry
-        gradients (the reference path's), which the update must not.
+        the guard checks the variance alone. The statistics may carry
+        gradients (the reference path's): assigning a variable is no
+        differentiable op on any backend, so no `stop_gradient` is needed
+        (an op per statistic in a TensorFlow graph).
         """
         shape = tuple(self.moving_mean.shape)
         count, mean, variance = (
             t if isinstance(t, float) or tuple(t.shape) in (shape, ())
             else ops.reshape(t, shape) for t in (count, mean, variance)
         )
-        if detach:
-            mean = ops.stop_gradient(mean)
-            variance = ops.stop_gradient(variance)
         ok = None
         if self.skip_nonfinite_updates:
             ok = moments.finite(count, None, variance)
