@@ -127,6 +127,10 @@ def main() -> None:
                         help="folder for the runs' JSON (default: a "
                         "temporary one); with --render, read it only")
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--new-label", default=None,
+                        help="the new side's name in the results (default: "
+                        "the working tree's commit); with --render, the "
+                        "commit the runs measured")
     common.add_steady_malloc_option(parser)
     args = parser.parse_args()
     backends = args.backends.split(",")
@@ -135,7 +139,7 @@ def main() -> None:
     old = subprocess.run(["git", "rev-parse", "--short", args.old],
                          cwd=common.REPO, check=True, text=True,
                          stdout=subprocess.PIPE).stdout.strip()
-    new = common.git_state()
+    new = args.new_label or common.git_state()
     if not args.render:
         tree = Path(tempfile.mkdtemp(prefix=f"keras_bn_{old}_"))
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), old],
