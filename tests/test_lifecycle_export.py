@@ -227,6 +227,24 @@ if BACKEND == "torch":
         for a, b in zip(layer.weights, eager.weights):
             np.testing.assert_allclose(_np(a), _np(b), atol=1e-6)
 
+    def test_torch_compile_refuses_renorm_training():
+        """Under torch.compile a renorm layer's gradients come out wrong
+        (AOTAutograd recomputes r and d from the renorm variables after
+        the step's in-place update; Keras's layer is as wrong), so ours
+        refuses to train there, naming renorm; inference still compiles
+        and matches the eager layer."""
+        layer = keras_bn.BatchNormalization(renorm=True)
+        x = torch.tensor(X)
+        layer.build(tuple(x.shape))
+        layer(x, training=True)  # eager training works
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, t: layer(x, training=t),
+                                 backend="aot_eager")
+        with pytest.raises(ValueError, match="renorm=True cannot train"):
+            compiled(x, True)
+        np.testing.assert_allclose(_np(compiled(x, False)),
+                                   _np(layer(x, training=False)), atol=1e-6)
+
     @pytest.mark.parametrize("kind", list(LAYERS))
     def test_torch_compile_recompiles(kind):
         """Training calls on new batches of one shape, then inference:

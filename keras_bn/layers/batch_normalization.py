@@ -347,6 +347,19 @@ class BatchNormalization(keras.layers.Layer):
         backend = backends.get()
         context = backend.context()
         if context.get("compiling"):
+            if training and self.renorm:
+                # AOTAutograd's backward recomputes r and d from the renorm
+                # variables after this step has updated them in place
+                # (Keras's layer trains just as wrongly): refuse, never
+                # return gradients that are off.
+                raise ValueError(
+                    f"{self.name}: renorm=True cannot train under "
+                    "torch.compile or torch.export: the compiled backward "
+                    "reads the renorm statistics after the step's update, "
+                    "so its gradients would be wrong. Train this model "
+                    "eagerly (compile(jit_compile=False)); inference "
+                    "(training=False) compiles. Received: renorm=True, "
+                    "training=True")
             # What the rules answer under torch.compile, without tracing
             # the Call and the cache as Python objects.
             return _Plan(_COMPILED, None, stat)
