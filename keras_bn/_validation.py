@@ -28,13 +28,17 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def unit_interval(name: str, value) -> float:
-    """A float in `[0, 1]` (momentum)."""
+def unit_interval(name: str, value, allow_none: bool = False
+                  ) -> float | None:
+    """A float in `[0, 1]` (momentum), or None where `allow_none`."""
+    if value is None and allow_none:
+        return None
+    what = "a float in [0, 1]" + (" or None" if allow_none else "")
     if not _is_real(value):
-        raise TypeError(f"`{name}` must be a float in [0, 1]. Received: "
+        raise TypeError(f"`{name}` must be {what}. Received: "
                         f"{name}={describe(value)}")
     if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1]. Received: "
+        raise ValueError(f"`{name}` must be {what}. Received: "
                          f"{name}={value!r}")
     return float(value)
 

@@ -32,11 +32,14 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
     `skip_nonfinite_updates` only change how (and whether, on non-finite
     batches) training computes, so they are dropped. `virtual_batch_size`
     changes training: with `training=True` a set one raises, with
-    `training=False` (an inference-only copy) it is dropped.
+    `training=False` (an inference-only copy) it is dropped. So do
+    PyTorch's update rules (`momentum=None`, whose copy gets Keras's
+    default momentum, and `moving_variance_estimator="unbiased"`).
 
     Raises:
         ValueError: If `axis` holds several axes (Keras's layer takes one),
-            or, with `training=True`, if `virtual_batch_size` is set.
+            or, with `training=True`, if `virtual_batch_size` is set or
+            PyTorch's update rules are on.
     """
     axis = config["axis"]
     if isinstance(axis, (list, tuple)):
@@ -55,8 +58,23 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
             "with `convert(model, virtual_batch_size=None)` first if plain "
             "batch normalization is what you want."
         )
+    pytorch_rules = {k: config.get(k) for k in ("momentum",
+                                                "moving_variance_estimator")
+                     if config.get(k, 0.99) in (None, "unbiased")}
+    if training and pytorch_rules:
+        options = ", ".join(f"{k}={v!r}" for k, v in pytorch_rules.items())
+        raise ValueError(
+            f"{name!r} has {options} (PyTorch's update rules), which "
+            "keras.layers.BatchNormalization cannot do (they change "
+            "training). Convert with `convert(model, momentum=0.99, "
+            "moving_variance_estimator='biased')` first if Keras's rules "
+            "are what you want."
+        )
     keep = set(_KERAS_OVERRIDABLE) | {"name", "trainable", "dtype"}
-    return {**{k: v for k, v in config.items() if k in keep}, "axis": axis}
+    config = {**{k: v for k, v in config.items() if k in keep}, "axis": axis}
+    if config.get("momentum", 0.99) is None:  # inference only: unused
+        config["momentum"] = 0.99
+    return config
 
 
 def convert(model: keras.layers.Layer, to: type = BatchNormalization,

@@ -149,18 +149,20 @@ def combine(counts, shifts, deltas, m2s, shift=0.0, axis: int = 0):
     return tuple(ops.squeeze(t, axis) for t in (count, delta, m2))
 
 
-def finite(count, mean, variance):
-    """Per channel: True where the statistics can update moving averages.
+def finite(count, mean, variance, min_count: float = 1.0):
+    """Per channel: True where the statistics can update moving averages:
+    finite, from at least `min_count` values (counts are whole numbers, so
+    the default 1 means "any"; the layer asks for 2, since one value has
+    variance 0 by definition).
 
     `mean=None` checks the variance alone, enough wherever the variance is
     computed from deviations from the mean (`shifted_moments`, and every
     kernel here): a non-finite value or an overflowing sum reaches every
-    deviation. A Python `count` is known to be positive or not without an
-    op.
+    deviation. A Python `count` is compared without an op.
     """
     ok = ops.isfinite(variance)
     if mean is not None:
         ok = ops.logical_and(ops.isfinite(mean), ok)
     if isinstance(count, float):
-        return ok if count > 0 else ops.zeros_like(ok)
-    return ops.logical_and(count > 0, ok)
+        return ok if count >= min_count else ops.zeros_like(ok)
+    return ops.logical_and(count >= min_count, ok)

@@ -99,6 +99,23 @@ def ema(old, new, momentum):
     ) * (1.0 - momentum)
 
 
+def pytorch_running(running_mean, running_var, mu, var, n, factor):
+    """PyTorch's update of its running statistics (`torch.nn.BatchNorm*d`).
+
+    `mu`, `var`: the batch's mean and biased variance per channel, over `n`
+    values each; `factor` is PyTorch's `momentum` (Keras's `1 - momentum`),
+    or `1 / num_batches_tracked` (counted after incrementing) for
+    `momentum=None`. The running variance moves towards the unbiased batch
+    variance `var * n / (n - 1)`; normalization uses the biased one.
+    """
+    f = np.float64(factor)
+    n = np.asarray(n, np.float64)
+    unbiased = np.asarray(var, np.float64) * n / (n - 1.0)
+    return ((1.0 - f) * np.asarray(running_mean, np.float64)
+            + f * np.asarray(mu, np.float64),
+            (1.0 - f) * np.asarray(running_var, np.float64) + f * unbiased)
+
+
 def renorm_correction(mu, var, renorm_mean, renorm_stddev, eps, clipping):
     """Batch Renormalization's r and d, from the moving values before update.
 

@@ -208,9 +208,18 @@ def test_moving_variance_is_the_biased_batch_variance(spy, fused):
 def test_single_value_per_channel_has_zero_variance():
     # One value per channel: the batch variance is 0 (not 0/0, not the
     # kernel's Bessel-corrected division by n - 1 = 0), the output is beta.
+    # By default such statistics leave the moving ones (test_small_batches);
+    # skip_nonfinite_updates=False updates from them, as Keras does.
+    x = np.array([[3.0, -7.0]], "float32")
     layer = keras_bn.BatchNormalization(momentum=0.5, fused=True,
                                         beta_initializer="ones")
-    x = np.array([[3.0, -7.0]], "float32")
+    y = _numpy(layer(x, training=True))
+    np.testing.assert_allclose(y, [[1.0, 1.0]], atol=1e-6)
+    np.testing.assert_array_equal(_numpy(layer.moving_mean), [0.0, 0.0])
+    np.testing.assert_array_equal(_numpy(layer.moving_variance), [1.0, 1.0])
+    layer = keras_bn.BatchNormalization(momentum=0.5, fused=True,
+                                        beta_initializer="ones",
+                                        skip_nonfinite_updates=False)
     y = _numpy(layer(x, training=True))
     np.testing.assert_allclose(y, [[1.0, 1.0]], atol=1e-6)
     np.testing.assert_allclose(_numpy(layer.moving_mean), [1.5, -3.5])
@@ -508,7 +517,10 @@ def test_tf_grouped_statistics_match_float64_for_any_batch(
     dy = rng.normal(size=shape).astype("float32")
     gamma = rng.uniform(0.5, 1.5, 5)
     beta = rng.normal(size=5)
-    layer = keras_bn.BatchNormalization(momentum=0.0)
+    # skip_nonfinite_updates=False: one row's statistics update the moving
+    # ones too (by default they would not: test_small_batches).
+    layer = keras_bn.BatchNormalization(momentum=0.0,
+                                        skip_nonfinite_updates=False)
     layer.build((None, 5))
     layer.gamma.assign(gamma.astype("float32"))
     layer.beta.assign(beta.astype("float32"))

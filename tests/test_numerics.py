@@ -172,12 +172,15 @@ def test_property_forward_and_moving_stats(data, rank, dtype):
     where = f"(seed {seed}, shape {shape}, axis {axis}, {dtype})"
     ref.assert_close(keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")),
                      y_ref, tol=tol, what=f"outputs {where}")
-    # Statistics are float32 whatever the input dtype.
+    # Statistics are float32 whatever the input dtype. Fewer than two
+    # values per channel leave the moving statistics (test_small_batches).
+    measured = x64.size // int(np.prod(pshape)) >= 2
     ref.assert_close(keras.ops.convert_to_numpy(layer.moving_mean),
-                     (0.5 * mu).reshape(pshape), tol=1e-5,
+                     (0.5 * mu * measured).reshape(pshape), tol=1e-5,
                      what=f"moving_mean {where}")
+    expected_var = 0.5 + 0.5 * var if measured else np.ones_like(var)
     ref.assert_close(keras.ops.convert_to_numpy(layer.moving_variance),
-                     (0.5 + 0.5 * var).reshape(pshape), tol=1e-5,
+                     expected_var.reshape(pshape), tol=1e-5,
                      what=f"moving_variance {where}")
 
 

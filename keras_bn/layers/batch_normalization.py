@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -80,12 +81,16 @@ class BatchNormalization(keras.layers.Layer):
       corrected two-pass algorithm, so inputs whose mean is far larger than
       their spread normalize correctly on every backend, and the variance
       is never negative;
-    - a training batch whose statistics are not finite (NaN/Inf in the batch,
-      or no values at all) leaves the moving statistics of the affected
-      channels unchanged (`skip_nonfinite_updates`);
+    - a training batch whose statistics cannot be measured (NaN/Inf in the
+      batch, or fewer than two values in a channel: none at all, or one,
+      whose variance is 0 by definition) leaves the moving statistics of
+      the affected channels unchanged (`skip_nonfinite_updates`);
     - `axis` may be a list of axes, or `data_format` may be given instead;
     - `virtual_batch_size` gives ghost batch normalization;
-    - `synchronized=True` works on TensorFlow, JAX and PyTorch.
+    - `synchronized=True` works on TensorFlow, JAX and PyTorch;
+    - PyTorch's update rules are options: `moving_variance_estimator=
+      "unbiased"` and `momentum=None` (a cumulative average), so that a
+      model ported from PyTorch trains on exactly as it would there.
 
     During training (`training=True` and `trainable=True`) each channel is
     normalized with the statistics of the current batch,
@@ -100,7 +105,19 @@ class BatchNormalization(keras.layers.Layer):
         axis: Integer or list of integers, the axis or axes that hold the
             features (channels). Statistics are kept per element of these
             axes and computed over all other axes. Defaults to `-1`.
-        momentum: Momentum of the moving averages, in `[0, 1]`.
+        momentum: Momentum of the moving averages, in `[0, 1]` (Keras's
+            convention: PyTorch's `momentum` is `1 - momentum` here), or
+            `None` for PyTorch's cumulative average: the layer then has
+            one more non-trainable weight, `num_batches_tracked` (an int32
+            scalar, last in the weights; PyTorch's buffer of that name is
+            int64), which counts the training calls, and the `t`-th call
+            updates `moving = moving * (1 - 1/t) + batch_statistic / t`, so
+            the moving statistics are the plain average of every training
+            call's statistics (like PyTorch, every training call counts,
+            also one whose update a channel skips; see
+            `skip_nonfinite_updates`). Not supported with `renorm=True`
+            (a ValueError), whose corrections assume an exponential
+            average.
         epsilon: Small positive float added to the variance.
         center: If `True`, add the learned offset `beta`.
         scale: If `True`, multiply by the learned scale `gamma`.
@@ -132,8 +149,23 @@ class BatchNormalization(keras.layers.Layer):
             a multiple of it ends with a smaller group. No effect in
             inference.
         skip_nonfinite_updates: If `True` (the default), channels whose
-            batch statistics are not finite leave their moving statistics
-            unchanged.
+            batch statistics cannot be measured leave their moving
+            statistics unchanged: statistics that are not finite, and
+            statistics of fewer than two values in the channel (an empty
+            batch or a fully masked channel, and a single value, whose
+            variance is 0 by definition). Their output is unchanged by
+            this: a channel with one value outputs `beta`, as Keras's
+            layer does; an empty one is normalized with the moving
+            statistics. Where the batch size is static and a training
+            call can see at most one value per channel (e.g. a batch of
+            one sample into a dense layer), the layer warns once, when
+            the call is traced; where the batch size is dynamic (as in
+            `model.fit` on TensorFlow, which traces for any batch size)
+            it cannot know in advance and skips the update when the call
+            runs. `False` gives Keras's rule: every channel is updated by
+            every training call, from whatever statistics it has (zeros
+            for an empty channel, variance 0 from one value, NaN), at no
+            cost in ops.
         fused: `None` (default) uses a backend fast path wherever it is as
             exact as the `keras.ops` reference path: the backends' kernels
             in inference; in training, XLA-fused statistics with a custom
@@ -144,6 +176,17 @@ class BatchNormalization(keras.layers.Layer):
             is (TF's FusedBatchNormV3, ATen's batch norm): faster, but its
             float32 sums drift far past 1e-5 of float64 on long reductions
             on CPU. `False` always uses the reference path.
+        moving_variance_estimator: `"biased"` (the default, Keras's rule)
+            updates the moving variance with the batch's biased variance
+            (divided by the count `n`); `"unbiased"` (PyTorch's rule) with
+            the unbiased one, `var * n / (n - 1)`, where `n` is the number
+            of values the channel's statistics count (its mask's, with a
+            mask; the whole batch's, pooled over all groups, with ghost
+            batches or a synchronized step). Training still normalizes
+            with the biased variance, as PyTorch does. With `renorm=True`
+            the moving and renorm stddevs are updated from the unbiased
+            variance as well (the corrections `r` and `d` still use the
+            biased one).
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -192,6 +235,7 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size: int | None = None,
         skip_nonfinite_updates: bool = True,
         fused: bool | None = None,
+        moving_variance_estimator: str = "biased",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -209,7 +253,11 @@ class BatchNormalization(keras.layers.Layer):
             axis = implied
         self.axis = axis
         self.data_format = data_format
-        self.momentum = check.unit_interval("momentum", momentum)
+        self.momentum = check.unit_interval("momentum", momentum,
+                                            allow_none=True)
+        self.moving_variance_estimator = check.choice(
+            "moving_variance_estimator", moving_variance_estimator,
+            ("biased", "unbiased"))
         self.renorm_momentum = check.unit_interval(
             "renorm_momentum", renorm_momentum
         )
@@ -226,6 +274,12 @@ class BatchNormalization(keras.layers.Layer):
             raise ValueError("`renorm_clipping` is only used with "
                              f"renorm=True. Received: renorm={renorm!r}, "
                              f"renorm_clipping={renorm_clipping!r}")
+        if self.momentum is None and self.renorm:
+            raise ValueError(
+                "`momentum=None` (PyTorch's cumulative average) is not "
+                "supported with renorm=True: Batch Renormalization's "
+                "corrections follow exponential moving averages. Received: "
+                f"momentum=None, renorm={renorm!r}")
         self.synchronized = bool(synchronized)
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -244,6 +298,8 @@ class BatchNormalization(keras.layers.Layer):
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.num_batches_tracked = None
+        self._warned_unmeasurable = False
 
     # ------------------------------------------------------------------ build
 
@@ -310,6 +366,13 @@ class BatchNormalization(keras.layers.Layer):
             )
             self.renorm_stddev = self._add(shape, "renorm_stddev",
                                            stddev_initializer)
+        if self.momentum is None:
+            # PyTorch's name; int32 on every backend (JAX has no int64 by
+            # default), exact up to 2**31 - 1 training calls.
+            self.num_batches_tracked = self.add_weight(
+                shape=(), name="num_batches_tracked", initializer="zeros",
+                dtype="int32", trainable=False, autocast=False,
+                aggregation="only_first_replica")
         self.input_spec = keras.layers.InputSpec(
             ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
         )
@@ -372,6 +435,8 @@ class BatchNormalization(keras.layers.Layer):
         )
         plan = self._plans.by_call.get(call)
         if plan is None:
+            if training and not self._warned_unmeasurable:
+                self._warn_if_unmeasurable(call)
             path = paths.choose(call)
             kernel = (backend.TRAIN if training else backend.INFER).get(
                 path.name)
@@ -382,6 +447,31 @@ class BatchNormalization(keras.layers.Layer):
                 stat = dtype
             plan = self._plans.by_call[call] = _Plan(path, kernel, stat)
         return plan
+
+    def _warn_if_unmeasurable(self, call: paths.Call):
+        """Warns (once per layer) where a training call's shape leaves at
+        most one value per channel (per ghost batch) to measure."""
+        rows = call.rows
+        if rows is None:
+            return
+        batch = call.shape[0]
+        if call.ghost and batch and 0 not in call.axes:
+            rows = rows // batch * min(batch, self.virtual_batch_size)
+        if rows > 1:
+            return
+        self._warned_unmeasurable = True
+        effect = ("leaves the moving statistics unchanged"
+                  if self.skip_nonfinite_updates else
+                  "pulls the moving variance towards 0 "
+                  "(skip_nonfinite_updates=False)")
+        warnings.warn(
+            f"{self.name} is trained on at most {rows} value(s) per channel "
+            f"(input shape {call.shape}, axis={self.axis!r}"
+            + (f", virtual_batch_size={self.virtual_batch_size}"
+               if call.ghost else "")
+            + "): their variance is 0 by definition, so such a training call "
+            f"outputs beta and {effect}. Train on larger batches.",
+            stacklevel=3)
 
     def which_path(self, inputs, training: bool = False,
                    mask=None) -> paths.Path:
@@ -660,12 +750,35 @@ class BatchNormalization(keras.layers.Layer):
         )
         ok = None
         if self.skip_nonfinite_updates:
-            ok = moments.finite(count, None, variance)
+            # Fewer than two values measure no variance (one has 0).
+            ok = moments.finite(count, None, variance, min_count=2.0)
+        momentum = self.momentum
+        if self.moving_variance_estimator == "unbiased" or momentum is None:
+            variance, momentum = self._pytorch_rules(count, variance)
         if self.renorm:
             self._update_renorm(mean, variance, ok)
         else:
-            self._assign_ema(self.moving_mean, mean, self.momentum, ok)
-            self._assign_ema(self.moving_variance, variance, self.momentum, ok)
+            self._assign_ema(self.moving_mean, mean, momentum, ok)
+            self._assign_ema(self.moving_variance, variance, momentum, ok)
+
+    def _pytorch_rules(self, count, variance):
+        """`(variance, momentum)` under the PyTorch options: the unbiased
+        variance `variance * n / (n - 1)` (`n - 1` floored at 1: a count
+        below 2 only updates with `skip_nonfinite_updates=False`, then from
+        the biased variance), and the cumulative average's momentum
+        `1 - 1/t`, a tensor, after counting this call in
+        `num_batches_tracked`."""
+        if self.moving_variance_estimator == "unbiased":
+            if isinstance(count, float):
+                variance = variance * (count / max(count - 1.0, 1.0))
+            else:
+                variance = variance * (count / ops.maximum(count - 1.0, 1.0))
+        momentum = self.momentum
+        if momentum is None:
+            t = self.num_batches_tracked.value + 1
+            self.num_batches_tracked.assign(t)
+            momentum = 1.0 - 1.0 / ops.cast(t, variance.dtype)
+        return variance, momentum
 
     def _assign_ema(self, variable, value, momentum, ok):
         """`variable = variable * momentum + value * (1 - momentum)` where
@@ -745,5 +858,6 @@ class BatchNormalization(keras.layers.Layer):
             "virtual_batch_size": self.virtual_batch_size,
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
             "fused": self.fused,
+            "moving_variance_estimator": self.moving_variance_estimator,
         })
         return config
