@@ -77,6 +77,21 @@ def choice(name: str, value, choices):
     return value
 
 
+def name_mapping(name: str, value) -> dict[str, str | None] | None:
+    """None, or a dict of str keys to str (or None) values (layer names)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a dict of names (str to str or "
+                        f"None). Received: {name}={describe(value)}")
+    for key, target in value.items():
+        if not isinstance(key, str) or not (target is None
+                                            or isinstance(target, str)):
+            raise TypeError(f"`{name}` must map str to str or None. "
+                            f"Received: {name}[{key!r}]={describe(target)}")
+    return dict(value)
+
+
 def axis(value) -> int | list[int]:
     """An int, or a non-empty list of distinct ints (feature axes)."""
     if _is_int(value):
