@@ -5,6 +5,7 @@ Works on the TensorFlow, JAX and PyTorch backends.
 
 from keras_bn import callbacks
 from keras_bn import datasets
+from keras_bn import interop
 from keras_bn import models
 from keras_bn.convert import convert
 from keras_bn.fold import fold
@@ -14,4 +15,4 @@ from keras_bn.recalibrate import recalibrate
 __version__ = "0.1.0"
 
 __all__ = ["BatchNormalization", "callbacks", "convert", "datasets", "fold",
-           "models", "recalibrate", "__version__"]
+           "interop", "models", "recalibrate", "__version__"]
