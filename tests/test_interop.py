@@ -59,6 +59,8 @@ _MODULES = {
     "2d_cumulative": lambda: torch.nn.BatchNorm2d(4, momentum=None),
     "2d_float64": lambda: torch.nn.BatchNorm2d(4, momentum=0.05,
                                                dtype=torch.float64),
+    "2d_bfloat16": lambda: torch.nn.BatchNorm2d(4, dtype=torch.bfloat16),
+    "1d_float16": lambda: torch.nn.BatchNorm1d(4, dtype=torch.float16),
 }
 
 
