@@ -388,6 +388,17 @@ def _refuse(layer, option: str, target: str, why: str):
                      f"{layer.name!r}: {why}")
 
 
+def _refuse_keras_bn_only(layer, target: str, framework: str):
+    """Refuses the two options no other framework has: Batch
+    Renormalization and ghost batches."""
+    if getattr(layer, "renorm", False):
+        _refuse(layer, "renorm=True", target,
+                f"{framework} has no Batch Renormalization.")
+    if getattr(layer, "virtual_batch_size", None) is not None:
+        _refuse(layer, f"virtual_batch_size={layer.virtual_batch_size}",
+                target, f"{framework} has no ghost batches.")
+
+
 def to_torch(layer):
     """A `torch.nn.BatchNorm1d`, `2d` or `3d` equal to a Keras batch norm.
 
@@ -437,12 +448,7 @@ def to_torch(layer):
     if len(_feature_axes(layer, rank)) != 1:
         _refuse(layer, f"axis={layer.axis!r}", target,
                 "torch normalizes one feature axis.")
-    if getattr(layer, "renorm", False):
-        _refuse(layer, "renorm=True", target,
-                "torch has no Batch Renormalization.")
-    if getattr(layer, "virtual_batch_size", None) is not None:
-        _refuse(layer, f"virtual_batch_size={layer.virtual_batch_size}",
-                target, "torch has no ghost batches.")
+    _refuse_keras_bn_only(layer, target, "torch")
     if rank not in _TORCH_CLASS_BY_RANK:
         _refuse(layer, f"inputs of rank {rank}", target,
                 "BatchNorm1d/2d/3d take inputs of rank 2 to 5.")
@@ -637,12 +643,7 @@ def to_flax(layer) -> tuple[dict, dict]:
         _refuse(layer, "moving_variance_estimator="
                 f"{layer.moving_variance_estimator!r}", target,
                 "Flax updates the running variance with the biased one.")
-    if getattr(layer, "renorm", False):
-        _refuse(layer, "renorm=True", target,
-                "Flax has no Batch Renormalization.")
-    if getattr(layer, "virtual_batch_size", None) is not None:
-        _refuse(layer, f"virtual_batch_size={layer.virtual_batch_size}",
-                target, "Flax has no ghost batches.")
+    _refuse_keras_bn_only(layer, target, "Flax")
     weights = _weights(layer)
     params = {}
     if layer.scale:
