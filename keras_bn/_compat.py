@@ -41,6 +41,21 @@ def unshadow_call(layer) -> None:
     layer.__dict__.pop("call", None)
 
 
+def in_stateless_scope() -> bool:
+    """Whether a `keras.StatelessScope` is active (`stateless_call`, Keras's
+    JAX trainer): variable writes must then go through `assign`, which the
+    scope collects. Keras exports the scope, not the query."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return in_stateless_scope()
+
+
+def variable_storage(variable):
+    """The backend tensor a Keras variable holds (`Variable._value`; the
+    public `value` may be a `StatelessScope`'s or an autocast copy)."""
+    return variable._value
+
+
 def tf_in_xla_context() -> bool:
     """Whether TensorFlow is tracing for XLA (`jit_compile=True`) now.
 

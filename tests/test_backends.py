@@ -117,8 +117,13 @@ def test_infer_kernel_matches_float64(name, shape, axis):
     ref.assert_close(keras.ops.convert_to_numpy(y), want, what="y")
 
 
+@pytest.mark.parametrize("stateless", [False, True])
 @pytest.mark.parametrize("guarded", [False, True])
-def test_moving_average_matches_float64(guarded):
+def test_assign_moving_average_matches_float64(guarded, stateless):
+    """The assigned value and the returned one; skipped channels keep their
+    old value exactly. In a StatelessScope the scope collects the update
+    and the variable itself is untouched (a backend writing storage in
+    place must not)."""
     rng = np.random.default_rng(zlib.crc32(f"{BACKEND}-ema".encode()))
     old = rng.normal(size=6).astype("float32")
     value = rng.normal(size=6).astype("float32")
@@ -126,10 +131,23 @@ def test_moving_average_matches_float64(guarded):
     if guarded:
         value[~ok] = np.nan  # what the guard exists for
     t = keras.ops.convert_to_tensor
-    got = keras.ops.convert_to_numpy(MODULE.moving_average(
-        t(old), t(value), 0.9, t(ok) if guarded else None))
+    variable = keras.Variable(old, trainable=False)
+    args = (variable, t(value), 0.9, t(ok) if guarded else None)
+    if stateless:
+        with keras.StatelessScope() as scope:
+            returned = MODULE.assign_moving_average(*args)
+            assigned = scope.get_current_value(variable)
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(variable), old)
+    else:
+        returned = MODULE.assign_moving_average(*args)
+        assigned = variable.value
     want = old * 0.9 + value.astype("float64") * (1 - 0.9)
     if guarded:
         want = np.where(ok, want, old)
-    assert got.dtype == np.float32
-    ref.assert_close(got, want, 1e-6, what="moving average")
+    for name, got in (("returned", returned), ("assigned", assigned)):
+        got = keras.ops.convert_to_numpy(got)
+        assert got.dtype == np.float32, name
+        ref.assert_close(got, want, 1e-6, what=f"{name} moving average")
+        if guarded:
+            np.testing.assert_array_equal(got[~ok], old[~ok])

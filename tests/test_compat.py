@@ -66,6 +66,21 @@ def test_shadow_call_routes_one_instance():
     assert seen == ["a"], _moved("unshadow_call")
 
 
+def test_in_stateless_scope_and_variable_storage():
+    v = keras.Variable(np.ones(3, "float32"), trainable=False)
+    assert not _compat.in_stateless_scope(), _moved("in_stateless_scope")
+    with keras.StatelessScope(state_mapping=[(v, np.zeros(3, "float32"))]):
+        assert _compat.in_stateless_scope(), _moved("in_stateless_scope")
+        # The stored tensor, not the scope's value that `value` returns.
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(_compat.variable_storage(v)),
+            np.ones(3), err_msg=_moved("variable_storage"))
+    v.assign(np.full(3, 2.0, "float32"))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(_compat.variable_storage(v)),
+        np.full(3, 2.0), err_msg=_moved("variable_storage"))
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's XLA query")
 def test_tf_in_xla_context_tells_xla_from_graph():
     import tensorflow as tf

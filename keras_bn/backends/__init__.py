@@ -60,13 +60,16 @@ class Backend(Protocol):
         any of `gpu`, `xla` (TensorFlow tracing for XLA) and `compiling`
         (torch.compile or torch.export tracing)."""
 
-    def moving_average(self, old, value, momentum: float, ok):
-        """`old * momentum + value * (1 - momentum)` where `ok` holds
-        (everywhere if `ok` is None), `old` elsewhere, for per-channel
-        tensors of one dtype that carry no gradient (the layer detaches
-        them). `_shared.moving_average` in `keras.ops`; a backend whose layer
-        calls run op by op (eager PyTorch) may use its own ops, with the
-        same formula and rounding."""
+    def assign_moving_average(self, variable, value, momentum: float, ok):
+        """Sets the Keras `variable` to `old * momentum + value * (1 -
+        momentum)` where `ok` holds (everywhere if `ok` is None), leaving
+        it unchanged elsewhere, and returns the new value in `value`'s
+        dtype; `value` is per channel in the variable's shape, and its
+        gradient (the reference path's statistics carry one) is not
+        followed. `_shared.assign_moving_average` in `keras.ops`; a backend
+        whose layer calls run op by op (eager PyTorch) may write the
+        variable's storage with its own ops, computing the same formula,
+        wherever `variable.assign` would do no more than that."""
 
 
 class _Reference:
@@ -88,7 +91,7 @@ class _Reference:
     def context() -> dict:
         return {}
 
-    moving_average = staticmethod(_shared.moving_average)
+    assign_moving_average = staticmethod(_shared.assign_moving_average)
 
 
 _MODULES: dict = {}

@@ -8,6 +8,7 @@ say it), so the same lines run on `tf.Tensor`, JAX arrays and
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 
 # A float32 kernel that sums `x` directly loses the variance once
@@ -58,8 +59,25 @@ def gradient_coefficients(scale, inv, sum_dy, sum_dy_xhat, n):
 
 
 def moving_average(old, value, momentum: float, ok):
-    """`Backend.moving_average` in `keras.ops`."""
+    """`old * momentum + value * (1 - momentum)` where `ok` holds (everywhere
+    if None), `old` elsewhere, in `keras.ops`."""
     new = old * momentum + value * (1.0 - momentum)
     if ok is not None:
         new = ops.where(ok, new, old)
+    return new
+
+
+def assign_moving_average(variable, value, momentum: float, ok,
+                          read=ops.convert_to_tensor):
+    """`Backend.assign_moving_average` in `keras.ops`: `variable` read once
+    (`read`), the average formed in `value`'s dtype, assigned through
+    `variable.assign` (so a `StatelessScope` collects it). Casts only where
+    dtypes differ: on eager backends every op is a dispatch of its own."""
+    old = read(variable)
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    same = keras.backend.standardize_dtype(old.dtype) == dtype
+    if not same:
+        old = ops.cast(old, dtype)
+    new = moving_average(old, value, momentum, ok)
+    variable.assign(new if same else ops.cast(new, variable.dtype))
     return new

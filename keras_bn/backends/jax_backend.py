@@ -127,4 +127,4 @@ def _xla_train(x, gamma, beta, epsilon, axis):
 TRAIN = {paths.XLA: _xla_train}
 INFER = {}
 # Traced into the step's graph once, so keras.ops cost nothing per call.
-moving_average = _shared.moving_average
+assign_moving_average = _shared.assign_moving_average

@@ -395,7 +395,13 @@ TRAIN = {paths.XLA: _xla_train, paths.EXACT_KERNEL: _exact_train,
 INFER = {paths.KERNEL: _kernel_infer}
 
 
-def moving_average(old, value, momentum: float, ok):
-    """`_shared.moving_average`, traced once into the step's graph; `old`
-    (a variable) read once, not once per use."""
-    return _shared.moving_average(tf.identity(old), value, momentum, ok)
+def _read_once(variable):
+    # One ReadVariableOp, then an Identity: the graph then reads the
+    # variable once, not once per use of its value.
+    return tf.identity(tf.convert_to_tensor(variable))
+
+
+def assign_moving_average(variable, value, momentum: float, ok):
+    """`_shared.assign_moving_average`, the variable read once."""
+    return _shared.assign_moving_average(variable, value, momentum, ok,
+                                         read=_read_once)

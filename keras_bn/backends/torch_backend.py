@@ -266,14 +266,24 @@ def _kernel_infer(x, mean, variance, gamma, beta, epsilon, axis):
     return restore(y)
 
 
-def moving_average(old, value, momentum: float, ok):
-    """`Backend.moving_average` in torch's own ops: eager PyTorch runs the
-    layer op by op, and each `keras.ops` call costs more than its kernel on
-    per-channel vectors. Same formula, so the same rounding; no autograd
-    graph for statistics that carry gradients (the reference path's)."""
+def assign_moving_average(variable, value, momentum: float, ok):
+    """`Backend.assign_moving_average` in torch's own ops, in place: eager
+    PyTorch runs the layer op by op, and each `keras.ops` call and
+    `Variable.assign` costs more than its kernel on per-channel vectors.
+    Same formula as `_shared.moving_average`, so the same rounding; no
+    autograd graph. Falls back to `variable.assign` wherever that does more
+    than write the storage: in a `StatelessScope` (which collects the
+    update), under torch.compile, across dtypes or devices."""
+    target = _compat.variable_storage(variable)
+    if (_compat.in_stateless_scope() or torch.compiler.is_compiling()
+            or target.dtype != value.dtype or target.device != value.device):
+        return _shared.assign_moving_average(variable, value, momentum, ok)
     with torch.no_grad():
-        new = old * momentum + value * (1.0 - momentum)
-        return new if ok is None else torch.where(ok, new, old)
+        new = target * momentum + value * (1.0 - momentum)
+        if ok is not None:
+            new = torch.where(ok, new, target)
+        target.copy_(new)
+    return new
 
 
 TRAIN = {paths.EXACT_KERNEL: _exact_train, paths.KERNEL: _kernel_train}

@@ -52,10 +52,11 @@ class _Plan(NamedTuple):
 
 
 class _PlanCache:
-    """Plans by `paths.Call` (not a dict attribute: Keras would track it)."""
+    """Plans by the facts of a call that vary between calls (not a dict
+    attribute: Keras would track it)."""
 
     def __init__(self):
-        self.by_call = {}
+        self.by_facts = {}
 
 
 _COMPILED = paths.Path(
@@ -426,15 +427,22 @@ class BatchNormalization(keras.layers.Layer):
             # What the rules answer under torch.compile, without tracing
             # the Call and the cache as Python objects.
             return _Plan(_COMPILED, None, stat)
-        call = paths.Call(
-            backend=keras.backend.backend(), training=training,
-            fused=self.fused, dtype=dtype, shape=tuple(inputs.shape),
-            axes=self._axes, masked=masked, renorm=self.renorm,
-            ghost=self.virtual_batch_size is not None,
-            replicas=backend.num_replicas(), **context,
-        )
-        plan = self._plans.by_call.get(call)
+        # The rest of a `paths.Call` is fixed per layer: a plain tuple is
+        # cheaper to hash than the dataclass (eager calls look it up each
+        # time).
+        shape = tuple(inputs.shape)
+        replicas = backend.num_replicas()
+        facts = (dtype, shape, training, masked, replicas,
+                 *context.items())
+        plan = self._plans.by_facts.get(facts)
         if plan is None:
+            call = paths.Call(
+                backend=keras.backend.backend(), training=training,
+                fused=self.fused, dtype=dtype, shape=shape,
+                axes=self._axes, masked=masked, renorm=self.renorm,
+                ghost=self.virtual_batch_size is not None,
+                replicas=replicas, **context,
+            )
             if training and not self._warned_unmeasurable:
                 self._warn_if_unmeasurable(call)
             path = paths.choose(call)
@@ -445,7 +453,7 @@ class BatchNormalization(keras.layers.Layer):
             # float32 copy of the batch.
             if kernel is not None and dtype == self.compute_dtype:
                 stat = dtype
-            plan = self._plans.by_call[call] = _Plan(path, kernel, stat)
+            plan = self._plans.by_facts[facts] = _Plan(path, kernel, stat)
         return plan
 
     def _warn_if_unmeasurable(self, call: paths.Call):
@@ -558,6 +566,8 @@ class BatchNormalization(keras.layers.Layer):
                 outputs = self._normalize(
                     x, self._param(self.moving_mean, x.dtype),
                     self._param(self.moving_variance, x.dtype))
+        if keras.backend.standardize_dtype(outputs.dtype) == self.compute_dtype:
+            return outputs  # eager backends: no cast dispatch
         return ops.cast(outputs, self.compute_dtype)
 
     def _run_kernel(self, kernel, x, training):
@@ -783,16 +793,9 @@ class BatchNormalization(keras.layers.Layer):
     def _assign_ema(self, variable, value, momentum, ok):
         """`variable = variable * momentum + value * (1 - momentum)` where
         `ok` holds (everywhere if None), `value` in the variable's shape;
-        returns the new value in `value`'s dtype. Casts only where dtypes
-        differ: on eager backends every op is a dispatch of its own."""
-        old = ops.convert_to_tensor(variable)  # read once (TF: one op)
-        dtype = keras.backend.standardize_dtype(value.dtype)
-        same = keras.backend.standardize_dtype(old.dtype) == dtype
-        if not same:
-            old = ops.cast(old, dtype)
-        new = backends.get().moving_average(old, value, momentum, ok)
-        variable.assign(new if same else ops.cast(new, variable.dtype))
-        return new
+        returns the new value in `value`'s dtype."""
+        return backends.get().assign_moving_average(variable, value,
+                                                    momentum, ok)
 
     def _renorm_correction(self, mean, variance):
         """Batch Renormalization's `(r, d)`, from the weights before update."""
