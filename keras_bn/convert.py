@@ -31,15 +31,17 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
     `data_format` is already resolved into `axis`; `fused` and
     `skip_nonfinite_updates` only change how (and whether, on non-finite
     batches) training computes, so they are dropped. `virtual_batch_size`
-    changes training: with `training=True` a set one raises, with
+    and `synchronized_group_size` change training: with `training=True` a
+    set one raises, with
     `training=False` (an inference-only copy) it is dropped. So do
     PyTorch's update rules (`momentum=None`, whose copy gets Keras's
     default momentum, and `moving_variance_estimator="unbiased"`).
 
     Raises:
         ValueError: If `axis` holds several axes (Keras's layer takes one),
-            or, with `training=True`, if `virtual_batch_size` is set or
-            PyTorch's update rules are on.
+            or, with `training=True`, if `virtual_batch_size` or
+            `synchronized_group_size` is set or PyTorch's update rules are
+            on.
     """
     axis = config["axis"]
     if isinstance(axis, (list, tuple)):
@@ -50,14 +52,15 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
                 "Keras equivalent."
             )
         axis = axis[0]
-    if training and config.get("virtual_batch_size") is not None:
-        raise ValueError(
-            f"{name!r} has virtual_batch_size="
-            f"{config['virtual_batch_size']}, which keras.layers."
-            "BatchNormalization cannot do (it changes training). Convert "
-            "with `convert(model, virtual_batch_size=None)` first if plain "
-            "batch normalization is what you want."
-        )
+    for option, plain in (("virtual_batch_size", "plain"),
+                          ("synchronized_group_size", "fully synchronized")):
+        if training and config.get(option) is not None:
+            raise ValueError(
+                f"{name!r} has {option}={config[option]}, which keras."
+                "layers.BatchNormalization cannot do (it changes training). "
+                f"Convert with `convert(model, {option}=None)` first if "
+                f"{plain} batch normalization is what you want."
+            )
     pytorch_rules = {k: config.get(k) for k in ("momentum",
                                                 "moving_variance_estimator")
                      if config.get(k, 0.99) in (None, "unbiased")}
@@ -89,7 +92,8 @@ def convert(model: keras.layers.Layer, to: type = BatchNormalization,
     converted model predicts what the original does. `overrides` then
     change arguments of every batch-norm layer, e.g.
     `convert(model, synchronized=True)` or
-    `convert(model, virtual_batch_size=32)`; they also apply to the
+    `convert(model, virtual_batch_size=32)` or `convert(model,
+    synchronized=True, synchronized_group_size=8)`; they also apply to the
     `keras_bn.BatchNormalization` layers already in the model.
 
     The original model is left untouched: every layer of the result is a
@@ -103,8 +107,9 @@ def convert(model: keras.layers.Layer, to: type = BatchNormalization,
     as `axis`). `fused` and `skip_nonfinite_updates` are dropped: they
     only change how training computes (Keras's layer never skips
     non-finite batches). An option Keras's layer cannot express raises a
-    `ValueError`: several axes, or a `virtual_batch_size` (it changes
-    training; `convert(model, virtual_batch_size=None)` first drops it).
+    `ValueError`: several axes, or a `virtual_batch_size` or
+    `synchronized_group_size` (they change training; `convert(model,
+    virtual_batch_size=None)` first drops one).
 
     Subclasses of the layer not converted to are copied unconverted, with
     a warning, since they may change the layer's behaviour. Layers

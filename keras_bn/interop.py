@@ -420,8 +420,9 @@ def to_torch(layer):
     (`moving_variance_estimator="biased"`, the default, and every
     `keras.layers.BatchNormalization`) gives the same inference, but its
     training then continues by torch's rule (a warning says so).
-    `synchronized=True` is dropped: wrap the model with
-    `torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+    `synchronized=True` (and `synchronized_group_size`) is dropped: wrap
+    the model with `torch.nn.SyncBatchNorm.convert_sync_batchnorm` (its
+    `process_group` sets the group).
 
     Args:
         layer: A built `keras_bn.BatchNormalization` or

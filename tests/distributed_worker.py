@@ -1,10 +1,11 @@
 """One distributed training-mode call of the layer, on the current engine.
 
-Run as `python -m tests.distributed_worker OUT.npz SYNC SIZES` in a fresh
-process (the engines need their devices set before they start):
+Run as `python -m tests.distributed_worker OUT.npz SYNC SIZES [GROUP]` in
+a fresh process (the engines need their devices set before they start):
 `tf.distribute.MirroredStrategy` over logical CPUs, `keras.distribution`
 DataParallel over forced host devices (JAX), or `torch.distributed` with
-gloo over processes. SIZES is the per-replica batch sizes, e.g. `9,7`.
+gloo over processes. SIZES is the per-replica batch sizes, e.g. `9,7`; GROUP, if given, is
+`synchronized_group_size`.
 Writes the replicas' outputs and input gradients in global batch order, the
 summed gamma/beta gradients, and each replica's moving statistics.
 """
@@ -31,11 +32,18 @@ def global_batch(total: int):
     return x.astype("float32"), dy.astype("float32"), gamma, beta
 
 
-def _layer(sync: bool):
+def _layer(sync: bool, group: int | None):
+    import keras
+
     import keras_bn
 
-    layer = keras_bn.BatchNormalization(momentum=MOMENTUM, synchronized=sync,
-                                        epsilon=1e-3)
+    if group is None:
+        layer = keras_bn.BatchNormalization(
+            momentum=MOMENTUM, synchronized=sync, epsilon=1e-3)
+    else:  # as a user would group a model's Keras layers
+        layer = keras_bn.convert(
+            keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=1e-3),
+            synchronized=sync, synchronized_group_size=group)
     layer.build((None,) + SHAPE)
     return layer
 
@@ -45,7 +53,7 @@ def _set_affine(layer, gamma, beta):
     layer.beta.assign(beta.astype("float32"))
 
 
-def run_tensorflow(sync, sizes):
+def run_tensorflow(sync, sizes, group):
     import tensorflow as tf
 
     cpus = tf.config.list_physical_devices("CPU")
@@ -57,7 +65,7 @@ def run_tensorflow(sync, sizes):
     bounds = np.cumsum(sizes)[:-1]
     xs, dys = np.split(x, bounds), np.split(dy, bounds)
     with strategy.scope():
-        layer = _layer(sync)
+        layer = _layer(sync, group)
         _set_affine(layer, gamma, beta)
     per_replica = lambda parts: strategy.experimental_distribute_values_from_function(  # noqa
         lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group]))
@@ -86,7 +94,7 @@ def run_tensorflow(sync, sizes):
     )
 
 
-def run_jax(sync, sizes):
+def run_jax(sync, sizes, group):
     if len(set(sizes)) != 1:
         raise ValueError("GSPMD shards a global array evenly")
     import jax
@@ -97,7 +105,7 @@ def run_jax(sync, sizes):
     distribution = keras.distribution.DataParallel(devices=devices)
     keras.distribution.set_distribution(distribution)
     x, dy, gamma, beta = global_batch(sum(sizes))
-    layer = _layer(sync)
+    layer = _layer(sync, group)
     _set_affine(layer, gamma, beta)
     sharding = jax.sharding.NamedSharding(
         distribution.device_mesh.backend_mesh,
@@ -125,7 +133,7 @@ def run_jax(sync, sizes):
                 moving_variance=state["moving_variance"][None])
 
 
-def _torch_rank(rank, world, sync, sizes, store_path, out_prefix):
+def _torch_rank(rank, world, sync, sizes, group, store_path, out_prefix):
     import torch
     import torch.distributed as dist
 
@@ -135,7 +143,7 @@ def _torch_rank(rank, world, sync, sizes, store_path, out_prefix):
         x, dy, gamma, beta = global_batch(sum(sizes))
         bounds = np.cumsum(sizes)[:-1]
         xs, dys = np.split(x, bounds)[rank], np.split(dy, bounds)[rank]
-        layer = _layer(sync)
+        layer = _layer(sync, group)
         _set_affine(layer, gamma, beta)
         xt = torch.tensor(xs, requires_grad=True)
         y = layer(xt, training=True)
@@ -150,13 +158,14 @@ def _torch_rank(rank, world, sync, sizes, store_path, out_prefix):
         dist.destroy_process_group()
 
 
-def run_torch(sync, sizes, out):
+def run_torch(sync, sizes, group, out):
     import torch.multiprocessing as mp
 
     store = out + ".store"
     if os.path.exists(store):
         os.remove(store)
-    mp.spawn(_torch_rank, args=(len(sizes), sync, sizes, store, out + ".rank"),
+    mp.spawn(_torch_rank,
+             args=(len(sizes), sync, sizes, group, store, out + ".rank"),
              nprocs=len(sizes), join=True)
     parts = [dict(np.load(f"{out}.rank{r}.npz")) for r in range(len(sizes))]
     return dict(
@@ -169,16 +178,16 @@ def run_torch(sync, sizes, out):
     )
 
 
-def main(out: str, sync: bool, sizes: list[int]) -> None:
+def main(out: str, sync: bool, sizes: list[int], group: int | None) -> None:
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        result = run_tensorflow(sync, sizes)
+        result = run_tensorflow(sync, sizes, group)
     elif backend == "jax":
-        result = run_jax(sync, sizes)
+        result = run_jax(sync, sizes, group)
     else:
-        result = run_torch(sync, sizes, out)
+        result = run_torch(sync, sizes, group, out)
     np.savez(out, **result)
 
 
@@ -188,4 +197,5 @@ if __name__ == "__main__":
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={count}")
-    main(sys.argv[1], sys.argv[2] == "1", [int(s) for s in sys.argv[3].split(",")])
+    main(sys.argv[1], sys.argv[2] == "1", [int(s) for s in sys.argv[3].split(",")],
+         int(sys.argv[4]) if len(sys.argv) > 4 else None)

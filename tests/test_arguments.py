@@ -39,6 +39,12 @@ BN = keras_bn.BatchNormalization
         ({"virtual_batch_size": 0}, ValueError, ["virtual_batch_size", "0"]),
         ({"virtual_batch_size": 2.5}, TypeError, ["virtual_batch_size", "2.5"]),
         ({"fused": "yes"}, ValueError, ["fused", "yes"]),
+        ({"synchronized": True, "synchronized_group_size": 0}, ValueError,
+         ["synchronized_group_size", "0"]),
+        ({"synchronized": True, "synchronized_group_size": 2.0}, TypeError,
+         ["synchronized_group_size", "2.0"]),
+        ({"synchronized_group_size": 2}, ValueError,
+         ["synchronized_group_size", "synchronized=False"]),
     ],
 )
 def test_constructor_rejects(kwargs, error, words):

@@ -319,6 +319,17 @@ def test_convert_to_keras_layer_errors():
     assert type(plain.get_layer("ghost")) is _KERAS_BN
     with pytest.raises(TypeError, match="virtual_batch_size"):
         convert(ghost, to=_KERAS_BN, virtual_batch_size=None)
+    hosts = keras.Model(inputs, keras_bn.BatchNormalization(
+        synchronized=True, synchronized_group_size=8, name="hosts")(inputs))
+    with pytest.raises(ValueError,
+                       match="'hosts'.*synchronized_group_size=8"):
+        convert(hosts, to=_KERAS_BN)
+    # The way out (Keras's layer synchronizes on TensorFlow only).
+    keep = keras.backend.backend() == "tensorflow"
+    synced = convert(convert(hosts, synchronized=keep,
+                             synchronized_group_size=None),
+                     to=_KERAS_BN).get_layer("hosts")
+    assert type(synced) is _KERAS_BN and synced.synchronized is keep
     with pytest.raises(TypeError, match="to="):
         convert(ghost, to=keras.layers.LayerNormalization)
     with pytest.raises(TypeError, match="to="):

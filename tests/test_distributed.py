@@ -23,23 +23,25 @@ BACKEND = keras.backend.backend()
 UNEVEN = (8, 8) if BACKEND == "jax" else (9, 7)
 
 
-def _run_worker(tmp_path, sync, sizes):
+def _run_worker(tmp_path, sync, sizes, group=None):
     out = str(tmp_path / "result.npz")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.distributed_worker", out, "1" if sync else "0",
-         ",".join(map(str, sizes))],
+         ",".join(map(str, sizes))] + ([str(group)] if group else []),
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return dict(np.load(out))
 
 
-def _expected(groups, gamma, beta):
-    """Reference outputs/gradients/moving statistics for batch `groups`.
+def _expected(groups, gamma, beta, ranks_per_group=1):
+    """Reference outputs/gradients/moving statistics for batch `groups`,
+    each normalized on its own (one per `ranks_per_group` replicas).
 
     Where the engine mirrors variables (TF: aggregation="mean"; JAX: one
     global program) the replicas' moving statistics are the average of their
-    updates; torch ranks each keep their own, as torch.nn.BatchNorm does.
+    updates (every group has as many replicas); torch ranks each keep their
+    own, their group's, as torch.nn.BatchNorm does.
     """
     ys, dxs, dgs, dbs, means, variances = [], [], [], [], [], []
     for xg, dyg in groups:
@@ -48,7 +50,8 @@ def _expected(groups, gamma, beta):
         ys.append(y), dxs.append(dx), dgs.append(dg), dbs.append(db)
         means.append(mu.reshape(-1)), variances.append(var.reshape(-1))
     if BACKEND == "torch":
-        means, variances = np.array(means), np.array(variances)
+        means = np.repeat(means, ranks_per_group, axis=0)
+        variances = np.repeat(variances, ranks_per_group, axis=0)
     else:
         means, variances = np.mean(means, 0)[None], np.mean(variances, 0)[None]
     return dict(
@@ -80,6 +83,17 @@ def test_unsynchronized_normalizes_each_replica_on_its_own(tmp_path):
     x, dy, gamma, beta = global_batch(sum(sizes))
     groups = list(zip(np.split(x, 2), np.split(dy, 2)))
     _check(result, _expected(groups, gamma, beta))
+
+
+def test_synchronized_groups_pool_consecutive_replicas(tmp_path):
+    """4 replicas in groups of 2: each group normalizes its concatenated
+    batch (uneven per-replica batches where the engine allows them)."""
+    sizes = (4, 4, 4, 4) if BACKEND == "jax" else (5, 3, 6, 2)
+    result = _run_worker(tmp_path, True, sizes, group=2)
+    x, dy, gamma, beta = global_batch(sum(sizes))
+    cut = sizes[0] + sizes[1]
+    groups = [(x[:cut], dy[:cut]), (x[cut:], dy[cut:])]
+    _check(result, _expected(groups, gamma, beta, ranks_per_group=2))
 
 
 def test_synchronized_without_distribution_is_plain_batch_norm():

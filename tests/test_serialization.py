@@ -20,7 +20,8 @@ FULL_CONFIG = dict(
     gamma_regularizer=keras.regularizers.L2(0.01),
     gamma_constraint=keras.constraints.NonNeg(), renorm=True,
     renorm_clipping={"rmax": 3.0, "rmin": 0.5, "dmax": 1.0},
-    renorm_momentum=0.95, synchronized=True, virtual_batch_size=4,
+    renorm_momentum=0.95, synchronized=True, synchronized_group_size=2,
+    virtual_batch_size=4,
     skip_nonfinite_updates=False, fused=False, name="bn_full",
 )
 

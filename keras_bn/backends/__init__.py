@@ -50,10 +50,13 @@ class Backend(Protocol):
         call is in, the batch shards of the active `keras.distribution`,
         or the world size of `torch.distributed` (1 if none)."""
 
-    def cross_replica(self, count, shift, delta, m2):
+    def cross_replica(self, count, shift, delta, m2,
+                      group_size: int | None = None):
         """Global-batch `(count, delta, m2)` from each replica's
         `(count, shift, delta, m2)`, pooled with `moments.combine` relative
-        to the local `shift` (mean `shift + delta`), differentiably."""
+        to the local `shift` (mean `shift + delta`), differentiably; with
+        `group_size`, pooled over this replica's group of that many
+        consecutive replicas only (it divides the number of replicas)."""
 
     def context(self) -> dict:
         """Facts of the current trace that `keras_bn.paths.Call` reads:
@@ -84,7 +87,7 @@ class _Reference:
         return 1
 
     @staticmethod
-    def cross_replica(count, shift, delta, m2):
+    def cross_replica(count, shift, delta, m2, group_size=None):
         return count, delta, m2
 
     @staticmethod

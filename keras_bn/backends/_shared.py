@@ -58,6 +58,17 @@ def gradient_coefficients(scale, inv, sum_dy, sum_dy_xhat, n):
     return a, a * inv * (sum_dy_xhat / n), a * (sum_dy / n)
 
 
+def replica_group(gathered, replica, group_size):
+    """The rows of `gathered` (one per replica, stacked on axis 0) of the
+    consecutive `group_size` replicas that hold `replica` (all of them if
+    `group_size` is None): what a grouped `cross_replica` pools."""
+    if group_size is None:
+        return gathered
+    start = (replica // group_size) * group_size
+    return ops.slice(gathered, (start,) + (0,) * (len(gathered.shape) - 1),
+                     (group_size,) + tuple(gathered.shape[1:]))
+
+
 def moving_average(old, value, momentum: float, ok):
     """`old * momentum + value * (1 - momentum)` where `ok` holds (everywhere
     if None), `old` elsewhere, in `keras.ops`."""

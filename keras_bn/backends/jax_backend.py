@@ -41,8 +41,9 @@ def context() -> dict:
     return {}
 
 
-def cross_replica(count, shift, delta, m2):
-    # Statistics are global already (see SEES_GLOBAL_BATCH).
+def cross_replica(count, shift, delta, m2, group_size=None):
+    # Statistics are global already (see SEES_GLOBAL_BATCH); the layer
+    # regroups the global batch for `group_size` instead.
     return count, delta, m2
 
 

@@ -25,10 +25,12 @@ def num_replicas() -> int:
     return 1 if ctx is None else ctx.num_replicas_in_sync
 
 
-def cross_replica(count, shift, delta, m2):
-    """Pools statistics over the replicas of a `tf.distribute` strategy.
+def cross_replica(count, shift, delta, m2, group_size=None):
+    """Pools statistics over the replicas of a `tf.distribute` strategy (or
+    over this replica's group of `group_size`).
 
-    One differentiable `all_gather` of the stacked statistics; per-replica
+    One differentiable `all_gather` of the stacked statistics, groups
+    included (each replica then pools its group's rows); per-replica
     batches may differ in size.
     """
     ctx = tf.distribute.get_replica_context()
@@ -37,6 +39,8 @@ def cross_replica(count, shift, delta, m2):
     local = tf.stack([count, shift, delta, m2])[None]
     gathered = ctx.all_gather(local, axis=0)
     gathered = tf.reshape(gathered, [-1] + local.shape.as_list()[1:])
+    gathered = _shared.replica_group(gathered, ctx.replica_id_in_sync_group,
+                                     group_size)
     return moments.combine(*tf.unstack(gathered, num=4, axis=1), shift=shift)
 
 

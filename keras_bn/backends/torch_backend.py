@@ -55,12 +55,16 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank()]
 
 
-def cross_replica(count, shift, delta, m2):
+def cross_replica(count, shift, delta, m2, group_size=None):
     """Pools statistics over the ranks of `torch.distributed` (any backend,
-    gloo included); per-rank batches may differ in size."""
+    gloo included), or over this rank's group of `group_size` consecutive
+    ranks: one all-gather either way, each rank then pooling its group's
+    rows (no process groups to create); per-rank batches may differ in
+    size."""
     if num_replicas() == 1:
         return count, delta, m2
     gathered = _AllGather.apply(torch.stack([count, shift, delta, m2]))
+    gathered = _shared.replica_group(gathered, dist.get_rank(), group_size)
     return moments.combine(*torch.unbind(gathered, dim=1), shift=shift)
 
 

@@ -88,7 +88,8 @@ class BatchNormalization(keras.layers.Layer):
       the affected channels unchanged (`skip_nonfinite_updates`);
     - `axis` may be a list of axes, or `data_format` may be given instead;
     - `virtual_batch_size` gives ghost batch normalization;
-    - `synchronized=True` works on TensorFlow, JAX and PyTorch;
+    - `synchronized=True` works on TensorFlow, JAX and PyTorch, over every
+      replica or over groups of them (`synchronized_group_size`);
     - PyTorch's update rules are options: `moving_variance_estimator=
       "unbiased"` and `momentum=None` (a cumulative average), so that a
       model ported from PyTorch trains on exactly as it would there.
@@ -141,6 +142,12 @@ class BatchNormalization(keras.layers.Layer):
             distribution under JAX, or `torch.distributed`) normalize with
             the statistics of the global batch. Without a distribution
             context it has no effect.
+        synchronized_group_size: Optional positive int, with
+            `synchronized=True`: replicas are pooled in consecutive groups
+            of this many (replicas `0..k-1`, `k..2k-1`, ...; typically the
+            devices of one host), as Flax's `axis_index_groups` and
+            PyTorch's `SyncBatchNorm(process_group=...)` do. The number of
+            replicas must be a multiple of it. `None` pools every replica.
         data_format: `"channels_last"` or `"channels_first"`, a readable
             alternative to `axis` (`-1` or `1`). If both are given they must
             agree.
@@ -232,6 +239,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm_clipping: dict | None = None,
         renorm_momentum: float = 0.99,
         synchronized: bool = False,
+        synchronized_group_size: int | None = None,
         data_format: str | None = None,
         virtual_batch_size: int | None = None,
         skip_nonfinite_updates: bool = True,
@@ -282,6 +290,15 @@ class BatchNormalization(keras.layers.Layer):
                 "corrections follow exponential moving averages. Received: "
                 f"momentum=None, renorm={renorm!r}")
         self.synchronized = bool(synchronized)
+        self.synchronized_group_size = check.integer(
+            "synchronized_group_size", synchronized_group_size,
+            allow_none=True)
+        if self.synchronized_group_size is not None and not self.synchronized:
+            raise ValueError(
+                "`synchronized_group_size` groups the replicas that "
+                "synchronize, so it needs synchronized=True. Received: "
+                f"synchronized={synchronized!r}, synchronized_group_size="
+                f"{synchronized_group_size!r}")
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
@@ -675,7 +692,7 @@ class BatchNormalization(keras.layers.Layer):
             count = ops.full_like(m2, count)  # stacked and pooled below
         if self.synchronized and group is None:
             count, delta, m2 = backends.get().cross_replica(
-                count, shift, delta, m2)
+                count, shift, delta, m2, self._replica_group())
         safe = max(count, 1.0) if isinstance(count, float) else ops.maximum(
             count, 1.0)
         variance = m2 / safe
@@ -693,28 +710,45 @@ class BatchNormalization(keras.layers.Layer):
     def _group_size(self, x):
         """Samples per group normalized together, or None for the batch.
 
-        Ghost batches set it. So does a non-synchronized layer where one call
-        sees every replica's shard (JAX under `keras.distribution`): each
-        replica's shard then forms a group, as each replica's batch does on
-        TensorFlow and PyTorch.
+        Ghost batches set it. So does a layer where one call sees every
+        replica's shard (JAX under `keras.distribution`) and replicas are
+        not all pooled: each replica's shard (synchronized=False), or each
+        `synchronized_group_size` consecutive shards, then form a group, as
+        they do on TensorFlow and PyTorch.
         """
         if self.virtual_batch_size is not None:
             return self.virtual_batch_size
         backend = backends.get()
-        if self.synchronized or not backend.SEES_GLOBAL_BATCH:
+        if not backend.SEES_GLOBAL_BATCH or backend.num_replicas() == 1:
+            return None
+        shards = self._replica_group() if self.synchronized else 1
+        if shards is None:
             return None
         replicas = backend.num_replicas()
-        if replicas == 1:
-            return None
         batch = x.shape[0]
         if batch is None or batch % replicas:
             raise ValueError(
-                f"With synchronized=False, {self.name} normalizes each of the "
-                f"{replicas} data-parallel shards on its own, so the batch "
-                f"size must be a multiple of {replicas}. Received: batch "
-                f"size {batch}"
+                f"{self.name} normalizes groups of {shards} of the "
+                f"{replicas} data-parallel shards (synchronized="
+                f"{self.synchronized}, synchronized_group_size="
+                f"{self.synchronized_group_size}), so the batch size must be "
+                f"a multiple of {replicas}. Received: batch size {batch}"
             )
-        return batch // replicas
+        return batch // replicas * shards
+
+    def _replica_group(self) -> int | None:
+        """Replicas pooled together: `synchronized_group_size`, or None
+        where that is every replica (or there is one)."""
+        k = self.synchronized_group_size
+        replicas = backends.get().num_replicas()
+        if k is None or replicas == 1:
+            return None
+        if replicas % k:
+            raise ValueError(
+                f"{self.name} pools its replicas in groups of "
+                f"synchronized_group_size={k}, which must divide the number "
+                f"of replicas. Received: {replicas} replicas")
+        return None if k == replicas else k
 
     def _train_step(self, x, weights):
         batch = ops.shape(x)[0]
@@ -857,6 +891,7 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
             "synchronized": self.synchronized,
+            "synchronized_group_size": self.synchronized_group_size,
             "data_format": self.data_format,
             "virtual_batch_size": self.virtual_batch_size,
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
