@@ -1,6 +1,6 @@
 """Model-level benchmark: training throughput and the "BN tax".
 
-For each backend (one child process each), trains the articles' models
+For each backend and model (one child process each), trains the articles' models
 (`keras_bn.models.cifar10_conv`, `keras_bn.models.mnist_dense`) with
 `keras_bn.BatchNormalization` (default, and `fused=True`: the backends'
 kernels as they are), with `keras.layers.BatchNormalization` and without
@@ -14,6 +14,13 @@ only with a GPU; eager on PyTorch) on synthetic data (speed does not depend on t
 [0, 1], random labels). Each measurement is one `fit` epoch of `--steps`
 batches after a warm-up epoch that compiles; the variants run round-robin in
 a random order each round and the median of `--repeats` rounds is reported.
+
+The children run in the user's own OpenMP setting (`OMP_WAIT_POLICY`
+unset unless this process sets it; recorded in each result's machine
+info), not the tests' `PASSIVE`: with sleeping OpenMP threads every
+parallel ATen kernel pays a wake-up, which makes small PyTorch steps 2-3x
+slower and penalizes fused kernels against chains of small serial ops.
+Measure on a quiet machine.
 
 With `--steady-malloc` the children keep freed memory (glibc tunables,
 `common.STEADY_MALLOC`), as a caching allocator does; PyTorch's CPU steps
@@ -53,6 +60,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -143,7 +151,6 @@ def child(backend, args):
     keras.utils.set_random_seed(0)
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     variants = SMALL_VARIANTS if args.small else VARIANTS
-    bn_variants = [v for v in variants if v != "no_bn"]
     rows = []
     for name in args.models:
         _, _, shape, batch, steps = MODELS[name]
@@ -162,34 +169,73 @@ def child(backend, args):
                           shuffle=False)
 
             fns[variant] = fit
-        times = common.time_interleaved(fns, args.repeats, warmup=1)
-        samples = batch * steps
-        throughput = {v: samples / (t["median_ms"] / 1e3)
-                      for v, t in times.items()}
-        tax = {v: 1.0 - throughput[v] / throughput["no_bn"]
-               for v in bn_variants}
-        # From each variant's fastest epoch: less sensitive to the load of
-        # other processes on a shared machine.
-        tax_of_min = {v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
-                      for v in bn_variants}
-        row = {"model": name, "batch_size": batch, "steps": steps,
-               "times": times, "samples_per_s": throughput,
-               "bn_tax": tax, "bn_tax_of_min": tax_of_min}
-        message = "; BN tax " + ", ".join(f"{v}={tax[v]:.1%}"
-                                          for v in bn_variants)
+        times = common.time_interleaved(fns, args.repeats, warmup=1,
+                                        seed=args.seed)
+        row = _row(name, batch, steps, times)
         if args.small:
-            row["vs_keras"] = {
-                stat: times["keras_bn"][f"{stat}_ms"]
-                / times["keras"][f"{stat}_ms"] for stat in ("median", "min")}
             row["bn_ops"] = _bn_ops(backend, models["keras_bn"], batch)
-            message += "; time ours / Keras's: median {median:.3f}, best " \
-                "{min:.3f}".format(**row["vs_keras"])
         rows.append(row)
-        print(f"{backend} {name}: " + ", ".join(
-            f"{v}={throughput[v]:.0f}/s" for v in variants) + message,
-            file=sys.stderr, flush=True)
+        print(f"{backend} {name}: {_summary(row)}", file=sys.stderr,
+              flush=True)
     return {"machine": common.machine(backend), "repeats": args.repeats,
             "jit_compile": args.jit_compile, "rows": rows}
+
+
+def _row(name, batch, steps, times) -> dict:
+    """A result row from `{variant: common.timing_stats}` of fit epochs."""
+    bn_variants = [v for v in times if v != "no_bn"]
+    samples = batch * steps
+    throughput = {v: samples / (t["median_ms"] / 1e3)
+                  for v, t in times.items()}
+    row = {"model": name, "batch_size": batch, "steps": steps,
+           "times": times, "samples_per_s": throughput,
+           "bn_tax": {v: 1.0 - throughput[v] / throughput["no_bn"]
+                      for v in bn_variants},
+           # From each variant's fastest epoch: less sensitive to the load
+           # of other processes on a shared machine.
+           "bn_tax_of_min": {
+               v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
+               for v in bn_variants}}
+    if "keras" in times and "keras_bn" in times:
+        row["vs_keras"] = {
+            stat: times["keras_bn"][f"{stat}_ms"] / times["keras"][f"{stat}_ms"]
+            for stat in ("median", "min")}
+    return row
+
+
+def _summary(row) -> str:
+    text = ", ".join(f"{v}={t:.0f}/s" for v, t in row["samples_per_s"].items())
+    text += "; BN tax " + ", ".join(f"{v}={t:.1%}"
+                                    for v, t in row["bn_tax"].items())
+    if "vs_keras" in row:
+        text += ("; time ours / Keras's: median {median:.3f}, best "
+                 "{min:.3f}".format(**row["vs_keras"]))
+    return text
+
+
+def _pooled(rows) -> dict:
+    """One row from the same model's rows of several processes.
+
+    Times and throughputs pool every epoch of every process per variant.
+    Ours / Keras's is the median over the processes of each process's own
+    ratio (of its median and of its fastest epochs), all of them kept in
+    `per_process_vs_keras`: the processes run at different speeds, and a
+    ratio of pooled medians would compare epochs of different processes.
+    """
+    first = rows[0]
+    times = {v: common.timing_stats(
+        [ms for row in rows for ms in row["times"][v]["samples_ms"]])
+        for v in first["times"]}
+    row = _row(first["model"], first["batch_size"], first["steps"], times)
+    for key in ("bn_ops",):
+        if key in first:
+            row[key] = first[key]
+    if "vs_keras" in row:
+        row["per_process_vs_keras"] = [r["vs_keras"] for r in rows]
+        row["vs_keras"] = {
+            stat: statistics.median(r["vs_keras"][stat] for r in rows)
+            for stat in ("median", "min")}
+    return row
 
 
 def _fold_models(name):
@@ -325,9 +371,13 @@ def render_small(results_dir: Path) -> list[str]:
              "-> BN, article2: two Dense(64) -> BN, article3: Dense(128) -> "
              "BN) and of a tiny conv net (16x16x8 inputs, Conv2D(8) -> BN -> "
              "ReLU -> global average pooling -> Dense(10)), batch 128, "
-             "keras_bn's layer, Keras's layer and no BN interleaved. Epoch "
-             "time ours / Keras's, of the medians and of the fastest epochs "
-             "(target: <= 1 on both); samples/s are of the medians. Ops: one "
+             "keras_bn's layer, Keras's layer and no BN interleaved, in "
+             "several fresh processes per model "
+             "(each file's `processes`). Epoch time ours / Keras's: within "
+             "each process, of the medians and of the fastest epochs; the "
+             "table gives the median over the processes of each (target: "
+             "<= 1 on both), then every process's own median ratio; "
+             "samples/s are of every epoch pooled. Ops: one "
              "BN call on the model's BN input, ours / Keras's (TensorFlow: "
              "graph ops, JAX: jaxpr equations, PyTorch: ATen dispatches; "
              "see bench_ops.md). Regenerate with `nice python "
@@ -336,7 +386,8 @@ def render_small(results_dir: Path) -> list[str]:
               "batch x steps",
               "keras_bn /s", "keras /s", "no BN /s",
               "time ours / Keras's: median", "best", "<= 1",
-              "ops train", "ops train+grad", "ops infer"]
+              "per process: median", "ops train", "ops train+grad",
+              "ops infer"]
     rows, machines = [], []
     for path in paths:
         result = json.loads(path.read_text())
@@ -354,6 +405,8 @@ def render_small(results_dir: Path) -> list[str]:
                 *(f"{thr[v]:.0f}" for v in SMALL_VARIANTS),
                 f"{ratio['median']:.3f}", f"{ratio['min']:.3f}",
                 "yes" if max(ratio.values()) <= 1 else "NO",
+                ", ".join(f"{r['median']:.2f}"
+                          for r in row.get("per_process_vs_keras", [])),
                 *(", ".join(f"{o['keras_bn'][k]} / {o['keras'][k]}"
                             for o in ops)
                   for k in ("train", "train+grad", "infer")),
@@ -414,6 +467,11 @@ def main(argv=None):
                         help="batches per timed epoch (default: per model)")
     parser.add_argument("--jit-compile", default="auto",
                         choices=("auto", "true", "false"))
+    parser.add_argument("--processes", type=int, default=1,
+                        help="child processes per backend and model, their "
+                        "epochs pooled (not with --fold)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=argparse.SUPPRESS)  # a child's round order
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     common.add_steady_malloc_option(parser)
     mode = parser.add_mutually_exclusive_group()
@@ -431,6 +489,8 @@ def main(argv=None):
         else DEFAULT_MODELS)).split(",") if m]
     if args.repeats is None:
         args.repeats = 7 if args.small else 5
+    if args.fold and args.processes != 1:
+        parser.error("--processes pools fit epochs; --fold takes 1")
 
     if args.child:
         common.quiet_logs()
@@ -439,13 +499,33 @@ def main(argv=None):
     if not args.render:
         backends = [b for b in args.backends.split(",") if b]
         malloc, env, malloc_suffix = common.malloc_settings(args, backends)
-        results = common.run_children(
-            __file__, backends,
-            ["--models", ",".join(args.models), "--repeats", str(args.repeats),
-             "--steps", str(args.steps), "--jit-compile", args.jit_compile,
-             *(["--fold"] if args.fold else []),
-             *(["--small"] if args.small else [])],
-            env)
+        # One process per model: a process that has trained other models
+        # runs the next one at a different speed (its heap, its threads),
+        # and that falls unevenly on the variants (seen on PyTorch: 2.6x
+        # slower epochs, ours/Keras's 1.25 after an earlier model against
+        # 0.97 alone).
+        # With --processes, several such processes per model, their epochs
+        # pooled: each process settles into its own speed, and no one
+        # process's state decides a ratio.
+        results, runs = {}, {}
+        for model in args.models:
+            for seed in range(args.processes):
+                for backend, result in common.run_children(
+                        __file__, backends,
+                        ["--models", model, "--repeats", str(args.repeats),
+                         "--steps", str(args.steps), "--jit-compile",
+                         args.jit_compile, "--seed", str(seed),
+                         *(["--fold"] if args.fold else []),
+                         *(["--small"] if args.small else [])],
+                        env, user_openmp=True).items():
+                    results.setdefault(backend, {**result, "rows": []})
+                    runs.setdefault((backend, model), []).extend(
+                        result["rows"])
+        for (backend, _), rows in runs.items():
+            results[backend]["rows"].append(
+                rows[0] if args.fold else _pooled(rows))
+        for result in results.values():
+            result["processes"] = args.processes
         for backend, result in results.items():
             if args.fold:
                 common.write_results("bench_models_fold", backend, result,

@@ -245,8 +245,10 @@ def main(argv=None) -> int:
         common.emit(child(args.child, args.repeats))
         return 0
     if not args.render:
+        # The user's own OpenMP setting, as bench_models (see there).
         results = common.run_children(__file__, args.backends,
-                                      ["--repeats", str(args.repeats)])
+                                      ["--repeats", str(args.repeats)],
+                                      user_openmp=True)
         for backend, result in results.items():
             common.write_results("bench_ops", backend, result)
     results = {}

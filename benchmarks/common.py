@@ -42,15 +42,24 @@ def quiet_logs() -> None:
 
 
 def run_children(script: str, backends, extra_args, extra_env=None,
-                 echo: bool = False) -> dict:
+                 echo: bool = False, user_openmp: bool = False) -> dict:
     """Runs `script --child` once per backend; returns {backend: result}.
 
     Each child prints its result as one JSON line prefixed by `RESULT `;
-    with `echo`, its other output lines are shown as they come.
+    with `echo`, its other output lines are shown as they come. With
+    `user_openmp`, the child keeps this process's OpenMP wait policy (a
+    user's default: unset) instead of `child_env`'s `PASSIVE`, which
+    guards against neighbours but makes every parallel ATen kernel wake
+    its threads (2-3x slower small PyTorch steps, and slower for fused
+    kernels than for chains of small serial ops).
     """
     out = {}
     for backend in backends:
-        env = child_env(backend, (extra_env or {}).get(backend))
+        extra = (extra_env or {}).get(backend)
+        env = child_env(backend, extra)
+        if user_openmp and "OMP_WAIT_POLICY" not in {**os.environ,
+                                                     **(extra or {})}:
+            del env["OMP_WAIT_POLICY"]
         cmd = [sys.executable, script, "--child", backend, *extra_args]
         print(f"--- {backend}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
@@ -87,8 +96,9 @@ def emit(result) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
-                     warmup: int) -> dict[str, dict]:
-    """Median/min/max seconds of each zero-argument callable.
+                     warmup: int, seed: int = 0) -> dict[str, dict]:
+    """Median/min/max milliseconds of each zero-argument callable, with
+    every sample (`samples_ms`, for pooling runs: `timing_stats`).
 
     The callables run round-robin, in a new random order each round, so that
     drift in machine load (this CPU is shared) and the after-effects of the
@@ -100,22 +110,22 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
             fn()
     samples = {name: [] for name in fns}
     order = list(fns)
-    shuffle = random.Random(0).shuffle
+    shuffle = random.Random(seed).shuffle
     for _ in range(repeats):
         shuffle(order)
         for name in order:
             start = time.perf_counter()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {
-        name: {
-            "median_ms": 1e3 * statistics.median(s),
-            "min_ms": 1e3 * min(s),
-            "max_ms": 1e3 * max(s),
-            "n": len(s),
-        }
-        for name, s in samples.items()
-    }
+            samples[name].append(1e3 * (time.perf_counter() - start))
+    return {name: timing_stats(s) for name, s in samples.items()}
+
+
+def timing_stats(samples_ms) -> dict:
+    """`median_ms`, `min_ms`, `max_ms`, `n` and the samples themselves."""
+    samples_ms = list(samples_ms)
+    return {"median_ms": statistics.median(samples_ms),
+            "min_ms": min(samples_ms), "max_ms": max(samples_ms),
+            "n": len(samples_ms), "samples_ms": samples_ms}
 
 
 def _cpu_model() -> str:
