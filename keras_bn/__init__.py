@@ -11,8 +11,10 @@ from keras_bn.convert import convert
 from keras_bn.fold import fold
 from keras_bn.layers import BatchNormalization
 from keras_bn.recalibrate import recalibrate
+from keras_bn.set_statistics import set_statistics
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNormalization", "callbacks", "convert", "datasets", "fold",
-           "interop", "models", "recalibrate", "__version__"]
+           "interop", "models", "recalibrate", "set_statistics",
+           "__version__"]

@@ -77,6 +77,14 @@ def choice(name: str, value, choices):
     return value
 
 
+def optional_bool(name: str, value) -> bool | None:
+    """None, True or False (not 0/1: a truthy value may be a mistake)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be None, True or False. Received: "
+                        f"{name}={describe(value)}")
+    return value
+
+
 def name_mapping(name: str, value) -> dict[str, str | None] | None:
     """None, or a dict of str keys to str (or None) values (layer names)."""
     if value is None:

@@ -30,18 +30,17 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
 
     `data_format` is already resolved into `axis`; `fused` and
     `skip_nonfinite_updates` only change how (and whether, on non-finite
-    batches) training computes, so they are dropped. `virtual_batch_size`
-    and `synchronized_group_size` change training: with `training=True` a
-    set one raises, with
+    batches) training computes, so they are dropped. `virtual_batch_size`,
+    `synchronized_group_size`, `statistics` and `update_moving_statistics`
+    change training: with `training=True` a set one raises, with
     `training=False` (an inference-only copy) it is dropped. So do
     PyTorch's update rules (`momentum=None`, whose copy gets Keras's
     default momentum, and `moving_variance_estimator="unbiased"`).
 
     Raises:
         ValueError: If `axis` holds several axes (Keras's layer takes one),
-            or, with `training=True`, if `virtual_batch_size` or
-            `synchronized_group_size` is set or PyTorch's update rules are
-            on.
+            or, with `training=True`, if one of those four is set or
+            PyTorch's update rules are on.
     """
     axis = config["axis"]
     if isinstance(axis, (list, tuple)):
@@ -52,11 +51,24 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
                 "Keras equivalent."
             )
         axis = axis[0]
+    # These two act in inference too: even an inference-only copy would
+    # predict (or update) differently.
+    for option, value in (("statistics", "batch"),
+                          ("update_moving_statistics", True)):
+        if config.get(option) == value:
+            raise ValueError(
+                f"{name!r} has {option}={value!r}, which keras.layers."
+                "BatchNormalization cannot do (its inference differs). "
+                f"Convert with `convert(model, {option}=None)` first if "
+                "Keras's rule is what you want."
+            )
     for option, plain in (("virtual_batch_size", "plain"),
-                          ("synchronized_group_size", "fully synchronized")):
+                          ("synchronized_group_size", "fully synchronized"),
+                          ("statistics", "Keras's"),
+                          ("update_moving_statistics", "Keras's")):
         if training and config.get(option) is not None:
             raise ValueError(
-                f"{name!r} has {option}={config[option]}, which keras."
+                f"{name!r} has {option}={config[option]!r}, which keras."
                 "layers.BatchNormalization cannot do (it changes training). "
                 f"Convert with `convert(model, {option}=None)` first if "
                 f"{plain} batch normalization is what you want."

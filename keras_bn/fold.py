@@ -342,6 +342,9 @@ class _Folder:
 
     def _check(self, bn, producer, rank):
         """Why `bn` cannot be folded into `producer`, or None."""
+        if getattr(bn, "statistics", None) == "batch":
+            return ("statistics='batch' normalizes inference with each "
+                    "batch's own statistics")
         name = producer.name
         activation = keras.activations.serialize(producer.activation)
         if activation not in ("linear", None):

@@ -389,14 +389,19 @@ def _refuse(layer, option: str, target: str, why: str):
 
 
 def _refuse_keras_bn_only(layer, target: str, framework: str):
-    """Refuses the two options no other framework has: Batch
-    Renormalization and ghost batches."""
+    """Refuses the options no other framework's layer has: Batch
+    Renormalization, ghost batches and the statistics switches."""
     if getattr(layer, "renorm", False):
         _refuse(layer, "renorm=True", target,
                 f"{framework} has no Batch Renormalization.")
     if getattr(layer, "virtual_batch_size", None) is not None:
         _refuse(layer, f"virtual_batch_size={layer.virtual_batch_size}",
                 target, f"{framework} has no ghost batches.")
+    for option in ("statistics", "update_moving_statistics"):
+        value = getattr(layer, option, None)
+        if value is not None:
+            _refuse(layer, f"{option}={value!r}", target,
+                    f"{framework}'s layer follows its mode flag alone.")
 
 
 def to_torch(layer):

@@ -195,6 +195,20 @@ class BatchNormalization(keras.layers.Layer):
             the moving and renorm stddevs are updated from the unbiased
             variance as well (the corrections `r` and `d` still use the
             biased one).
+        statistics: Which statistics normalize. `None` (default) is
+            Keras's rule: the batch's in training, the moving ones in
+            inference. `"moving"` always normalizes with the moving
+            statistics, training included (fine-tuning with frozen
+            statistics while `gamma` and `beta` still train). `"batch"`
+            always normalizes with the batch's own statistics, inference
+            included (test-time adaptation). When set, it decides whatever
+            `training` and `trainable` say (`trainable=False` still freezes
+            `gamma` and `beta`).
+        update_moving_statistics: When the moving statistics are updated.
+            `None` (default): exactly when Keras's layer would, in training
+            calls that use batch statistics. `True`: in every call that
+            uses batch statistics, inference included (adaptation during
+            `predict`). `False`: never.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -202,7 +216,8 @@ class BatchNormalization(keras.layers.Layer):
             float. Float16/bfloat16 inputs are normalized in float32 and
             returned in the layer's compute dtype.
         training: Python boolean, whether to use batch statistics and update
-            the moving statistics.
+            the moving statistics (unless `statistics` or
+            `update_moving_statistics` say otherwise).
         mask: Optional boolean tensor, `True` where values count towards the
             statistics (any nonzero value counts as `True`, as in Keras).
             As in Keras's layer, a mask of rank `rank - 1` is the input's
@@ -245,6 +260,8 @@ class BatchNormalization(keras.layers.Layer):
         skip_nonfinite_updates: bool = True,
         fused: bool | None = None,
         moving_variance_estimator: str = "biased",
+        statistics: str | None = None,
+        update_moving_statistics: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -300,6 +317,10 @@ class BatchNormalization(keras.layers.Layer):
                 f"synchronized={synchronized!r}, synchronized_group_size="
                 f"{synchronized_group_size!r}")
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
+        self.statistics = check.choice("statistics", statistics,
+                                       (None, "batch", "moving"))
+        self.update_moving_statistics = check.optional_bool(
+            "update_moving_statistics", update_moving_statistics)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -516,8 +537,19 @@ class BatchNormalization(keras.layers.Layer):
         """
         if not self.built:
             self.build(tuple(inputs.shape))
+        batch, _ = self._modes(training)
+        return self._plan(inputs, batch, mask is not None).path
+
+    def _modes(self, training) -> tuple[bool, bool]:
+        """`(batch, update)`: whether a call normalizes with the batch's
+        statistics, and whether it updates the moving ones (`statistics`
+        and `update_moving_statistics` over Keras's rule)."""
         training = bool(training) and self.trainable
-        return self._plan(inputs, training, mask is not None).path
+        batch = (training if self.statistics is None
+                 else self.statistics == "batch")
+        update = (training if self.update_moving_statistics is None
+                  else self.update_moving_statistics)
+        return batch, batch and update
 
     def _mask_weights(self, mask, x):
         """The mask as 0/1 weights that broadcast against `x`.
@@ -565,20 +597,20 @@ class BatchNormalization(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None, mask=None):
-        training = bool(training) and self.trainable
-        plan = self._plan(inputs, training, mask is not None)
+        batch, update = self._modes(training)
+        plan = self._plan(inputs, batch, mask is not None)
         x = inputs
         if keras.backend.standardize_dtype(x.dtype) != plan.dtype:
             x = ops.cast(x, plan.dtype)
         outputs = None
         if plan.kernel is not None:
-            outputs = self._run_kernel(plan.kernel, x, training)
+            outputs = self._run_kernel(plan.kernel, x, batch, update)
         if outputs is None:
             if plan.kernel is not None and plan.dtype != "float32":
                 x = ops.cast(x, "float32")  # a kernel handed the call back
             weights = self._mask_weights(mask, x)
-            if training:
-                outputs = self._train_step(x, weights)
+            if batch:
+                outputs = self._train_step(x, weights, update)
             else:
                 outputs = self._normalize(
                     x, self._param(self.moving_mean, x.dtype),
@@ -587,17 +619,19 @@ class BatchNormalization(keras.layers.Layer):
             return outputs  # eager backends: no cast dispatch
         return ops.cast(outputs, self.compute_dtype)
 
-    def _run_kernel(self, kernel, x, training):
+    def _run_kernel(self, kernel, x, batch, update):
         """A backend kernel's output (None if it hands the call back), the
-        moving statistics updated from its batch statistics."""
+        moving statistics updated from its batch statistics if `update`."""
         gamma = self._vector(self.gamma)
         beta = self._vector(self.beta)
         axis = self._axes[0]
-        if not training:
+        if not batch:
             return kernel(x, self._vector(self.moving_mean),
                           self._vector(self.moving_variance), gamma, beta,
                           self.epsilon, axis)
         outputs, mean, variance = kernel(x, gamma, beta, self.epsilon, axis)
+        if not update:
+            return outputs
         count = moments.static_count(x, self._reduction_axes)
         if count is None:
             count = moments.count_values(x, self._reduction_axes)
@@ -750,7 +784,7 @@ class BatchNormalization(keras.layers.Layer):
                 f"of replicas. Received: {replicas} replicas")
         return None if k == replicas else k
 
-    def _train_step(self, x, weights):
+    def _train_step(self, x, weights, update=True):
         batch = ops.shape(x)[0]
         stats = self._batch_statistics(x, weights)
         shift, delta, variance = stats.shift, stats.delta, stats.variance
@@ -767,7 +801,8 @@ class BatchNormalization(keras.layers.Layer):
         r = d = None
         if self.renorm:
             r, d = self._renorm_correction(shift + delta, variance)
-        self._update_moving(*stats.moving)
+        if update:
+            self._update_moving(*stats.moving)
         outputs = self._normalize(stats.x, shift, variance, r, d, delta)
         if stats.regrouped:
             outputs = ops.reshape(outputs, (-1,) + tuple(outputs.shape[2:]))
@@ -892,6 +927,8 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_momentum": self.renorm_momentum,
             "synchronized": self.synchronized,
             "synchronized_group_size": self.synchronized_group_size,
+            "statistics": self.statistics,
+            "update_moving_statistics": self.update_moving_statistics,
             "data_format": self.data_format,
             "virtual_batch_size": self.virtual_batch_size,
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
