@@ -1,4 +1,5 @@
-"""Callbacks that record what batch normalization does during training."""
+"""`ActivationPercentiles`: what batch normalization does to a layer's inputs
+during training."""
 
 from __future__ import annotations
 
