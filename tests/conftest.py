@@ -30,9 +30,9 @@ def fused_calls(monkeypatch):
     calls = []
     original = BatchNormalization._run_kernel
 
-    def wrapper(self, kernel, x, training):
-        result = original(self, kernel, x, training)
-        calls.append(("fused_train" if training else "fused_infer",
+    def wrapper(self, kernel, x, batch, *args):
+        result = original(self, kernel, x, batch, *args)
+        calls.append(("fused_train" if batch else "fused_infer",
                       result is not None))
         return result
 
