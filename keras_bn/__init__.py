@@ -12,9 +12,10 @@ from keras_bn.fold import fold
 from keras_bn.layers import BatchNormalization
 from keras_bn.recalibrate import recalibrate
 from keras_bn.set_statistics import set_statistics
+from keras_bn.sync_moving_statistics import sync_moving_statistics
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNormalization", "callbacks", "convert", "datasets", "fold",
            "interop", "models", "recalibrate", "set_statistics",
-           "__version__"]
+           "sync_moving_statistics", "__version__"]

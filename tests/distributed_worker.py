@@ -1,7 +1,8 @@
 """One distributed training-mode call of the layer, on the current engine.
 
 Run as `python -m tests.distributed_worker OUT.npz SYNC SIZES [GROUP]` in
-a fresh process (the engines need their devices set before they start):
+a fresh process (or `OUT.npz sync_moving WORLD` for `sync_moving_statistics`
+over WORLD gloo ranks) (the engines need their devices set before they start):
 `tf.distribute.MirroredStrategy` over logical CPUs, `keras.distribution`
 DataParallel over forced host devices (JAX), or `torch.distributed` with
 gloo over processes. SIZES is the per-replica batch sizes, e.g. `9,7`; GROUP, if given, is
@@ -178,6 +179,56 @@ def run_torch(sync, sizes, group, out):
     )
 
 
+def moving_statistics_of_rank(rank: int):
+    """The moving statistics rank `rank` holds before `sync_moving_statistics`
+    (different on every rank, as after unsynchronized training): our
+    layer's (C=3) and a Keras layer's (C=2)."""
+    rng = np.random.default_rng(100 + rank)
+    return (rng.normal(size=3) * 5, rng.uniform(0.5, 3.0, 3),
+            rng.normal(size=2), rng.uniform(0.1, 1.0, 2))
+
+
+def _torch_sync_rank(rank, world, store_path, out_prefix):
+    import keras
+    import torch.distributed as dist
+
+    import keras_bn
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"file://{store_path}")
+    try:
+        inputs = keras.Input((3,))
+        h = keras_bn.BatchNormalization(name="ours")(inputs)
+        h = keras.layers.Dense(2)(h)
+        model = keras.Model(inputs, keras.layers.BatchNormalization(
+            name="theirs")(h))
+        m1, v1, m2, v2 = moving_statistics_of_rank(rank)
+        for name, m, v in (("ours", m1, v1), ("theirs", m2, v2)):
+            layer = model.get_layer(name)
+            layer.moving_mean.assign(m.astype("float32"))
+            layer.moving_variance.assign(v.astype("float32"))
+        count = keras_bn.sync_moving_statistics(model)
+        np.savez(f"{out_prefix}{rank}.npz", count=count, **{
+            f"{name}_{stat}": keras.ops.convert_to_numpy(
+                getattr(model.get_layer(name), f"moving_{stat}"))
+            for name in ("ours", "theirs") for stat in ("mean", "variance")})
+    finally:
+        dist.destroy_process_group()
+
+
+def run_torch_sync(world: int, out: str):
+    import torch.multiprocessing as mp
+
+    store = out + ".store"
+    if os.path.exists(store):
+        os.remove(store)
+    mp.spawn(_torch_sync_rank, args=(world, store, out + ".rank"),
+             nprocs=world, join=True)
+    parts = [dict(np.load(f"{out}.rank{r}.npz")) for r in range(world)]
+    np.savez(out, **{key: np.stack([p[key] for p in parts])
+                     for key in parts[0]})
+
+
 def main(out: str, sync: bool, sizes: list[int], group: int | None) -> None:
     import keras
 
@@ -192,6 +243,9 @@ def main(out: str, sync: bool, sizes: list[int], group: int | None) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[2] == "sync_moving":  # OUT sync_moving WORLD (torch)
+        run_torch_sync(int(sys.argv[3]), sys.argv[1])
+        sys.exit()
     if os.environ.get("KERAS_BACKEND") == "jax":
         count = len(sys.argv[3].split(","))
         os.environ["XLA_FLAGS"] = (

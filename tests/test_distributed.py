@@ -16,6 +16,7 @@ import numpy as np
 import keras_bn
 from tests import reference as ref
 from tests.distributed_worker import MOMENTUM, global_batch
+from tests.distributed_worker import moving_statistics_of_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
@@ -106,3 +107,41 @@ def test_synchronized_without_distribution_is_plain_batch_norm():
                         keras.ops.convert_to_numpy(layer.moving_variance)))
     np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
     np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
+def test_sync_moving_statistics(tmp_path):
+    """torch.distributed: every rank ends with the ranks' pooled statistics
+    (mean of means; mean of variances plus variance of means), ours and
+    Keras's layers alike. Elsewhere there is one copy: nothing to do."""
+    if BACKEND != "torch":
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras_bn.BatchNormalization()(inputs))
+        before = keras.ops.convert_to_numpy(model.layers[-1].moving_mean)
+        assert keras_bn.sync_moving_statistics(model) == 0
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(model.layers[-1].moving_mean), before)
+        return
+    world = 4
+    out = str(tmp_path / "sync.npz")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.distributed_worker", out, "sync_moving",
+         str(world)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = dict(np.load(out))
+    assert list(result["count"]) == [2] * world
+    ranks = [moving_statistics_of_rank(r) for r in range(world)]
+    for name, (m, v) in (("ours", (0, 1)), ("theirs", (2, 3))):
+        means = np.array([r[m] for r in ranks], np.float64)
+        variances = np.array([r[v] for r in ranks], np.float64)
+        # The float32 values each rank held, pooled in float64.
+        means = means.astype(np.float32).astype(np.float64)
+        variances = variances.astype(np.float32).astype(np.float64)
+        pooled_mean = means.mean(0)
+        pooled_var = variances.mean(0) + ((means - pooled_mean) ** 2).mean(0)
+        for rank in range(world):
+            ref.assert_close(result[f"{name}_mean"][rank], pooled_mean,
+                             what=f"{name} mean, rank {rank}")
+            ref.assert_close(result[f"{name}_variance"][rank], pooled_var,
+                             what=f"{name} variance, rank {rank}")
