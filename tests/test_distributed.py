@@ -12,6 +12,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 import keras_bn
 from tests import reference as ref
@@ -145,3 +146,16 @@ def test_sync_moving_statistics(tmp_path):
                              what=f"{name} mean, rank {rank}")
             ref.assert_close(result[f"{name}_variance"][rank], pooled_var,
                              what=f"{name} variance, rank {rank}")
+
+
+def test_group_size_must_divide_the_replicas(monkeypatch):
+    """Checked at the call, where the number of replicas is known."""
+    from keras_bn import backends
+
+    monkeypatch.setattr(backends.get(), "num_replicas", lambda: 4)
+    x, _, _, _ = global_batch(8)
+    layer = keras_bn.BatchNormalization(synchronized=True,
+                                        synchronized_group_size=3)
+    layer.build(x.shape)
+    with pytest.raises(ValueError, match="synchronized_group_size=3.*4 replicas"):
+        layer(x, training=True)
