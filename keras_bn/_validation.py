@@ -77,6 +77,16 @@ def choice(name: str, value, choices):
     return value
 
 
+def keras_layer(name: str, value):
+    """A Keras model or layer (what the model-level tools take)."""
+    import keras
+
+    if not isinstance(value, keras.layers.Layer):
+        raise TypeError(f"`{name}` must be a Keras model or layer. "
+                        f"Received: {name}={describe(value)}")
+    return value
+
+
 def optional_bool(name: str, value) -> bool | None:
     """None, True or False (not 0/1: a truthy value may be a mistake)."""
     if value is not None and not isinstance(value, bool):

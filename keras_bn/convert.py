@@ -10,6 +10,7 @@ import numpy as np
 from keras import ops
 
 from keras_bn import _compat
+from keras_bn import _validation as check
 from keras_bn._compat import Functional
 
 from keras_bn.layers import BatchNormalization
@@ -151,9 +152,7 @@ def convert(model: keras.layers.Layer, to: type = BatchNormalization,
             `to=keras.layers.BatchNormalization`) a layer has an option
             Keras's layer cannot express.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"`model` must be a Keras model or layer. Received: "
-                        f"model={model!r} (of type {type(model).__name__})")
+    check.keras_layer("model", model)
     if to is not BatchNormalization and to is not _KERAS_BN:
         raise TypeError(
             "`to` must be keras_bn.BatchNormalization or keras.layers."

@@ -778,9 +778,7 @@ def load_torch(keras_model: keras.layers.Layer, torch_module,
     """
     import torch
 
-    if not isinstance(keras_model, keras.layers.Layer):
-        raise TypeError(f"`keras_model` must be a Keras model or layer. "
-                        f"Received: keras_model={check.describe(keras_model)}")
+    check.keras_layer("keras_model", keras_model)
     if not isinstance(torch_module, torch.nn.Module):
         raise TypeError(
             "`torch_module` must be a torch.nn.Module. Received: "

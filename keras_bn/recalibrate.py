@@ -17,7 +17,7 @@ from keras_bn import moments
 from keras_bn.layers import BatchNormalization
 
 _BN_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
-_MODES = ("inference", "train")
+MODES = ("inference", "train")
 _DEFAULT_BATCH_SIZE = 32
 
 
@@ -95,9 +95,7 @@ def recalibrate(
             if `data` yields no batch, or an argument is out of range.
         TypeError: If an argument has the wrong type.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"`model` must be a Keras model or layer. Received: "
-                        f"model={check.describe(model)}")
+    check.keras_layer("model", model)
     layers = _bn_layers(model)
     if not layers:
         raise ValueError(
@@ -107,8 +105,8 @@ def recalibrate(
         )
     steps = check.integer("steps", steps, allow_none=True)
     batch_size = check.integer("batch_size", batch_size, allow_none=True)
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}. Received: "
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}. Received: "
                          f"mode={mode!r}")
     if verbose == "auto":
         verbose = 1

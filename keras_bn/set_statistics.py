@@ -39,9 +39,7 @@ def set_statistics(model: keras.layers.Layer, statistics: str | None = None,
             layers, which have neither option (`keras_bn.convert` the model
             first).
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"`model` must be a Keras model or layer. Received: "
-                        f"model={model!r} (of type {type(model).__name__})")
+    check.keras_layer("model", model)
     check.choice("statistics", statistics, (None, "batch", "moving"))
     check.optional_bool("update_moving_statistics", update_moving_statistics)
     layers = _compat.flatten_layers(model)

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from keras_bn import _compat
+from keras_bn import _validation as check
 
 
 def _torch_world() -> int:
@@ -47,9 +48,7 @@ def sync_moving_statistics(model: keras.layers.Layer) -> int:
     Returns:
         The number of layers synchronized.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"`model` must be a Keras model or layer. Received: "
-                        f"model={model!r} (of type {type(model).__name__})")
+    check.keras_layer("model", model)
     world = _torch_world()
     if world == 1:
         return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import keras
 
 from keras_bn import _validation as check
+from keras_bn.recalibrate import MODES
 from keras_bn.recalibrate import recalibrate
 
 
@@ -62,7 +63,7 @@ class RecalibrateStatistics(keras.callbacks.Callback):
         check.integer("batch_size", recalibrate_kwargs.get("batch_size"),
                       allow_none=True)
         check.choice("mode", recalibrate_kwargs.get("mode", "inference"),
-                     ("inference", "train"))
+                     MODES)
         self.data = data
         self.every_epoch = every_epoch
         self.recalibrate_kwargs = {"verbose": 0, **recalibrate_kwargs}
