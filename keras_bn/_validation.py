@@ -87,6 +87,14 @@ def keras_layer(name: str, value):
     return value
 
 
+def boolean(name: str, value) -> bool:
+    """True or False (not 0/1: a truthy value may be a mistake)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False. Received: "
+                        f"{name}={describe(value)}")
+    return value
+
+
 def optional_bool(name: str, value) -> bool | None:
     """None, True or False (not 0/1: a truthy value may be a mistake)."""
     if value is not None and not isinstance(value, bool):

@@ -32,15 +32,16 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
     `data_format` is already resolved into `axis`; `fused` and
     `skip_nonfinite_updates` only change how (and whether, on non-finite
     batches) training computes, so they are dropped. `virtual_batch_size`,
-    `synchronized_group_size`, `statistics` and `update_moving_statistics`
-    change training: with `training=True` a set one raises, with
+    `synchronized_group_size`, `statistics`, `update_moving_statistics`,
+    `moving_statistics_steps` and `debias_moving_statistics` change
+    training: with `training=True` a set one raises, with
     `training=False` (an inference-only copy) it is dropped. So do
     PyTorch's update rules (`momentum=None`, whose copy gets Keras's
     default momentum, and `moving_variance_estimator="unbiased"`).
 
     Raises:
         ValueError: If `axis` holds several axes (Keras's layer takes one),
-            or, with `training=True`, if one of those four is set or
+            or, with `training=True`, if one of those is set or
             PyTorch's update rules are on.
     """
     axis = config["axis"]
@@ -63,16 +64,19 @@ def keras_layer_config(config: dict, name: str, training: bool) -> dict:
                 f"Convert with `convert(model, {option}=None)` first if "
                 "Keras's rule is what you want."
             )
-    for option, plain in (("virtual_batch_size", "plain"),
-                          ("synchronized_group_size", "fully synchronized"),
-                          ("statistics", "Keras's"),
-                          ("update_moving_statistics", "Keras's")):
-        if training and config.get(option) is not None:
+    for option, default, plain in (
+            ("virtual_batch_size", None, "plain"),
+            ("synchronized_group_size", None, "fully synchronized"),
+            ("statistics", None, "Keras's"),
+            ("update_moving_statistics", None, "Keras's"),
+            ("moving_statistics_steps", 1, "Keras's"),
+            ("debias_moving_statistics", False, "Keras's")):
+        if training and config.get(option, default) != default:
             raise ValueError(
                 f"{name!r} has {option}={config[option]!r}, which keras."
                 "layers.BatchNormalization cannot do (it changes training). "
-                f"Convert with `convert(model, {option}=None)` first if "
-                f"{plain} batch normalization is what you want."
+                f"Convert with `convert(model, {option}={default!r})` first "
+                f"if {plain} batch normalization is what you want."
             )
     pytorch_rules = {k: config.get(k) for k in ("momentum",
                                                 "moving_variance_estimator")
@@ -261,6 +265,16 @@ def _copy_bn_weights(original, copy):
         stddev = np.sqrt(values["moving_variance"] + copy.epsilon)
         values.update(moving_stddev=stddev, renorm_stddev=stddev,
                       renorm_mean=values["moving_mean"])
+    if getattr(copy, "debias_moving_statistics", False) and (
+            "debias_weight" not in values):
+        # debias_moving_statistics=True override: channels whose statistics
+        # are still the initial values have had no update (weight 1); the
+        # others are treated as measured (weight 0).
+        initial = [np.array(ops.convert_to_numpy(v))
+                   for v in (copy.moving_mean, copy.moving_variance)]
+        values["debias_weight"] = (
+            (values["moving_mean"] == initial[0])
+            & (values["moving_variance"] == initial[1])).astype("float32")
     for variable in copy.weights:
         if variable.name in values:
             variable.assign(values[variable.name])

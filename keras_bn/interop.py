@@ -390,7 +390,8 @@ def _refuse(layer, option: str, target: str, why: str):
 
 def _refuse_keras_bn_only(layer, target: str, framework: str):
     """Refuses the options no other framework's layer has: Batch
-    Renormalization, ghost batches and the statistics switches."""
+    Renormalization, ghost batches, the statistics switches, accumulated
+    and bias-corrected moving statistics."""
     if getattr(layer, "renorm", False):
         _refuse(layer, "renorm=True", target,
                 f"{framework} has no Batch Renormalization.")
@@ -402,6 +403,13 @@ def _refuse_keras_bn_only(layer, target: str, framework: str):
         if value is not None:
             _refuse(layer, f"{option}={value!r}", target,
                     f"{framework}'s layer follows its mode flag alone.")
+    if getattr(layer, "moving_statistics_steps", 1) > 1:
+        _refuse(layer, f"moving_statistics_steps="
+                f"{layer.moving_statistics_steps}", target,
+                f"{framework}'s layer updates its statistics every batch.")
+    if getattr(layer, "debias_moving_statistics", False):
+        _refuse(layer, "debias_moving_statistics=True", target,
+                f"{framework}'s layer keeps plain moving averages.")
 
 
 def to_torch(layer):

@@ -311,6 +311,8 @@ def _assign(layer, pooled):
         layer.moving_stddev.assign(ops.cast(
             ops.sqrt(variance + layer.epsilon), layer.moving_stddev.dtype
         ))
+    if isinstance(layer, BatchNormalization):
+        layer._statistics_measured()
 
 
 class _Batches:

@@ -209,6 +209,34 @@ class BatchNormalization(keras.layers.Layer):
             calls that use batch statistics. `True`: in every call that
             uses batch statistics, inference included (adaptation during
             `predict`). `False`: never.
+        moving_statistics_steps: Positive int, for gradient accumulation
+            (`optimizer.gradient_accumulation_steps=k`): the statistics of
+            `k` consecutive updating calls are pooled exactly (Chan et
+            al.'s formula: as if the `k` batches were one) and update the
+            moving statistics once, on the `k`-th call. Each batch is still
+            normalized with its own statistics. The round in progress is
+            kept in four more non-trainable weights, which exist only for
+            `k > 1` (`accumulated_count`, `accumulated_mean`,
+            `accumulated_m2` per channel, `accumulated_batches` an int32
+            scalar), so a checkpoint saved mid-round resumes identically.
+            `skip_nonfinite_updates` leaves a batch with non-finite
+            statistics out of its round. Defaults to 1 (every call
+            updates). Not supported with `renorm=True`, whose corrections
+            follow per-batch averages.
+        debias_moving_statistics: If `True`, the moving statistics are
+            bias-corrected averages, free of the initializers' weight: after
+            `t` updates of a channel they are
+            `(m_t - momentum**t * m_0) / (1 - momentum**t)`, where `m_t` is
+            the plain moving average started at `m_0`, so after one update
+            they equal that batch's statistics. `moving_mean` and
+            `moving_variance` store these corrected values (what inference
+            normalizes with, so `fold` and inference-only copies read
+            inference's statistics), and one more non-trainable weight,
+            `debias_weight` (per channel, only with this option), holds
+            `momentum**t`: 1 before any update, 0 after `recalibrate`
+            (statistics measured exactly). Not supported with `renorm=True`
+            or `momentum=None` (the cumulative average has no such bias).
+            Defaults to `False`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -262,6 +290,8 @@ class BatchNormalization(keras.layers.Layer):
         moving_variance_estimator: str = "biased",
         statistics: str | None = None,
         update_moving_statistics: bool | None = None,
+        moving_statistics_steps: int = 1,
+        debias_moving_statistics: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -321,6 +351,26 @@ class BatchNormalization(keras.layers.Layer):
                                        (None, "batch", "moving"))
         self.update_moving_statistics = check.optional_bool(
             "update_moving_statistics", update_moving_statistics)
+        self.moving_statistics_steps = check.integer(
+            "moving_statistics_steps", moving_statistics_steps)
+        self.debias_moving_statistics = check.boolean(
+            "debias_moving_statistics", debias_moving_statistics)
+        if self.renorm and (self.moving_statistics_steps > 1
+                            or self.debias_moving_statistics):
+            option = ("moving_statistics_steps="
+                      f"{self.moving_statistics_steps}"
+                      if self.moving_statistics_steps > 1
+                      else "debias_moving_statistics=True")
+            raise ValueError(
+                f"`{option}` is not supported with renorm=True: Batch "
+                "Renormalization's corrections follow the moving averages "
+                f"of every batch. Received: renorm=True, {option}")
+        if self.debias_moving_statistics and self.momentum is None:
+            raise ValueError(
+                "`debias_moving_statistics=True` corrects the initial "
+                "values' weight in an exponential average; momentum=None "
+                "(PyTorch's cumulative average) has none. Received: "
+                "momentum=None, debias_moving_statistics=True")
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -338,6 +388,8 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_mean = None
         self.moving_variance = None
         self.num_batches_tracked = None
+        self.accumulated_batches = None
+        self.debias_weight = None
         self._warned_unmeasurable = False
 
     # ------------------------------------------------------------------ build
@@ -412,6 +464,17 @@ class BatchNormalization(keras.layers.Layer):
                 shape=(), name="num_batches_tracked", initializer="zeros",
                 dtype="int32", trainable=False, autocast=False,
                 aggregation="only_first_replica")
+        if self.moving_statistics_steps > 1:
+            # The round in progress, as (count, mean, m2) per channel.
+            for name in ("count", "mean", "m2"):
+                setattr(self, f"accumulated_{name}", self._add(
+                    shape, f"accumulated_{name}", "zeros"))
+            self.accumulated_batches = self.add_weight(
+                shape=(), name="accumulated_batches", initializer="zeros",
+                dtype="int32", trainable=False, autocast=False,
+                aggregation="only_first_replica")
+        if self.debias_moving_statistics:
+            self.debias_weight = self._add(shape, "debias_weight", "ones")
         self.input_spec = keras.layers.InputSpec(
             ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
         )
@@ -827,26 +890,35 @@ class BatchNormalization(keras.layers.Layer):
             t if isinstance(t, float) or tuple(t.shape) in (shape, ())
             else ops.reshape(t, shape) for t in (count, mean, variance)
         )
+        done = None
+        if self.moving_statistics_steps > 1:
+            count, mean, variance, done = self._accumulate(count, mean,
+                                                           variance)
         ok = None
         if self.skip_nonfinite_updates:
             # Fewer than two values measure no variance (one has 0).
             ok = moments.finite(count, None, variance, min_count=2.0)
+        if done is not None:
+            ok = done if ok is None else ops.logical_and(ok, done)
         momentum = self.momentum
         if self.moving_variance_estimator == "unbiased" or momentum is None:
-            variance, momentum = self._pytorch_rules(count, variance)
+            variance, momentum = self._pytorch_rules(count, variance, done)
+        if self.debias_moving_statistics and momentum < 1.0:
+            momentum = self._debiased_momentum(ok, variance.dtype)
         if self.renorm:
             self._update_renorm(mean, variance, ok)
         else:
             self._assign_ema(self.moving_mean, mean, momentum, ok)
             self._assign_ema(self.moving_variance, variance, momentum, ok)
 
-    def _pytorch_rules(self, count, variance):
+    def _pytorch_rules(self, count, variance, done=None):
         """`(variance, momentum)` under the PyTorch options: the unbiased
         variance `variance * n / (n - 1)` (`n - 1` floored at 1: a count
         below 2 only updates with `skip_nonfinite_updates=False`, then from
         the biased variance), and the cumulative average's momentum
-        `1 - 1/t`, a tensor, after counting this call in
-        `num_batches_tracked`."""
+        `1 - 1/t`, a tensor, after counting this update in
+        `num_batches_tracked` (where `done`, the end of an accumulation
+        round, holds: if given)."""
         if self.moving_variance_estimator == "unbiased":
             if isinstance(count, float):
                 variance = variance * (count / max(count - 1.0, 1.0))
@@ -854,10 +926,84 @@ class BatchNormalization(keras.layers.Layer):
                 variance = variance * (count / ops.maximum(count - 1.0, 1.0))
         momentum = self.momentum
         if momentum is None:
-            t = self.num_batches_tracked.value + 1
+            t = self.num_batches_tracked.value
+            if done is None:
+                t = t + 1
+            else:
+                t = t + ops.cast(done, "int32")
             self.num_batches_tracked.assign(t)
-            momentum = 1.0 - 1.0 / ops.cast(t, variance.dtype)
+            # Mid-round (not `done`) the update is masked out; `maximum`
+            # keeps its momentum finite before the first round ends.
+            momentum = 1.0 - 1.0 / ops.cast(ops.maximum(t, 1), variance.dtype)
         return variance, momentum
+
+    def _accumulate(self, count, mean, variance):
+        """Pools a batch's statistics into the accumulation round's.
+
+        Chan et al.'s pairwise formula, per channel: the round's
+        `(count, mean, m2)` and the batch's combine exactly, as if their
+        values were one batch. Returns the pooled `(count, mean, variance)`
+        and `done`, True on the round's last batch, where they update the
+        moving statistics and the round starts again from nothing.
+        """
+        dtype = keras.backend.standardize_dtype(variance.dtype)
+        n_a = self._vector(self.accumulated_count, dtype)
+        mean_a = self._vector(self.accumulated_mean, dtype)
+        m2_a = self._vector(self.accumulated_m2, dtype)
+        n = n_a + count
+        diff = mean - mean_a
+        weight = count / ops.maximum(n, 1.0)  # 0 for an empty batch
+        pooled = (n, mean_a + diff * weight,
+                  m2_a + variance * count + ops.square(diff) * n_a * weight)
+        if self.skip_nonfinite_updates:
+            # A batch that could not update a channel leaves its round too.
+            keep = ops.isfinite(variance)
+            pooled = tuple(ops.where(keep, new, old) for new, old in
+                           zip(pooled, (n_a, mean_a, m2_a)))
+        n, mean, m2 = pooled
+        step = self.accumulated_batches.value
+        done = step >= self.moving_statistics_steps - 1
+        for name, value in zip(("count", "mean", "m2"), pooled):
+            variable = getattr(self, f"accumulated_{name}")
+            variable.assign(ops.cast(ops.where(done, 0.0, value),
+                                     variable.dtype))
+        self.accumulated_batches.assign(
+            ops.where(done, ops.zeros_like(step), step + 1))
+        return n, mean, m2 / ops.maximum(n, 1.0), done
+
+    def _debiased_momentum(self, ok, dtype):
+        """The per-channel momentum that keeps the moving statistics
+        bias-corrected, after counting this update in `debias_weight`.
+
+        With `p = momentum**t` after this update, the corrected average
+        `D_t = (m_t - p * m_0) / (1 - p)` follows
+        `D_t = D_{t-1} + (x_t - D_{t-1}) * (1 - momentum) / (1 - p)`
+        (no `m_0`: it cancels). Storing `D` rather than `m` keeps float32
+        exact: recovering `D` from `m` would divide its rounding by
+        `1 - p`, 100x after one update at momentum 0.99.
+        """
+        # The momentum in `dtype`, as the update rounds it, so that the
+        # first update's weight (1 - momentum) / (1 - p) is exactly 1.
+        momentum = ops.convert_to_tensor(self.momentum, dtype)
+        before = self._vector(self.debias_weight, dtype)
+        p = before * momentum
+        self.debias_weight.assign(ops.cast(
+            p if ok is None else ops.where(ok, p, before),
+            self.debias_weight.dtype))
+        return 1.0 - (1.0 - momentum) / (1.0 - p)
+
+    def _statistics_measured(self):
+        """The moving statistics were just set to exact statistics
+        (`recalibrate`): no initial values left to correct for, and the
+        accumulation round (from earlier weights) starts afresh."""
+        state = []
+        if self.debias_weight is not None:
+            state.append(self.debias_weight)
+        if self.accumulated_batches is not None:
+            state += [getattr(self, f"accumulated_{name}")
+                      for name in ("count", "mean", "m2", "batches")]
+        for variable in state:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def _assign_ema(self, variable, value, momentum, ok):
         """`variable = variable * momentum + value * (1 - momentum)` where
@@ -934,5 +1080,7 @@ class BatchNormalization(keras.layers.Layer):
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
             "fused": self.fused,
             "moving_variance_estimator": self.moving_variance_estimator,
+            "moving_statistics_steps": self.moving_statistics_steps,
+            "debias_moving_statistics": self.debias_moving_statistics,
         })
         return config
