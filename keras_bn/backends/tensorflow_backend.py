@@ -235,7 +235,71 @@ def _xla_train(x, gamma, beta, epsilon, axis):
 _KERNEL_GROUP_ROWS = 256
 
 
+def _small_train(x, gamma, beta, epsilon, axis):
+    """Channels-last training step in plain TensorFlow ops, for batches
+    below `paths.TF_MIN_KERNEL_SIZE_CPU` values whose size is only known
+    when the call runs (`_exact_train`).
+
+    The statistics are the reference path's own (`moments.shifted_moments`,
+    the same ops, so the same float32 results), and so is the output's
+    formula (`BatchNormalization._normalize`): the mean `shift + delta`
+    kept in two parts, `(x - shift) * a + (beta - delta * a)` with
+    `a = gamma / sqrt(var + eps)`. The backward is the paper's
+    (`_shared.input_gradient`) with the sums autodiff would take
+    (`reduce_sum` over the same axes), in a dozen ops instead of the
+    autodiff graph of the corrected two-pass moments: float32 roundings of
+    terms the size of dx's own, as on the `xla` path, with no cancellation
+    (checked against float64 at means up to 1e5 std,
+    tests/test_tf_unknown_batch.py).
+    """
+    channels = x.shape[-1]
+    axes = tuple(range(x.shape.rank - 1))
+    scale, offset = _scale_offset(gamma, beta, channels)
+
+    @tf.custom_gradient
+    def run(x, scale, offset):
+        xf = x if x.dtype == tf.float32 else tf.cast(x, tf.float32)
+        _, shift, delta, m2 = moments.shifted_moments(xf, axes,
+                                                      keepdims=False)
+        # The count's ops as in shifted_moments (Grappler merges them), not
+        # its per-channel copy.
+        n = tf.maximum(moments.count_values(xf, axes), 1.0)
+        var = m2 / n
+        inv = tf.math.rsqrt(var + epsilon)
+        a = inv * scale
+        d = xf - shift  # the same op as in shifted_moments (Grappler CSE)
+        y = d * a + (offset - delta * a)
+
+        def grad(dy, dmean, dvar):
+            # mean and variance only feed the moving averages.
+            del dmean, dvar
+            g = dy if dy.dtype == tf.float32 else tf.cast(dy, tf.float32)
+            centered = d - delta
+            sum_dy = tf.reduce_sum(g, axes)
+            sum_dy_xhat = tf.reduce_sum(g * centered, axes) * inv
+            dx = _shared.input_gradient(g, centered, scale, inv, sum_dy,
+                                        sum_dy_xhat, n)
+            return tf.cast(dx, x.dtype), sum_dy_xhat, sum_dy
+
+        return (tf.cast(y, x.dtype), shift + delta, var), grad
+
+    y, mean, var = run(x, scale, offset)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+
 def _exact_train(x, gamma, beta, epsilon, axis):
+    """The exact path's training step: `_kernel_exact_train`, except where
+    the batch size is unknown when traced (`model.fit` traces for any
+    batch) and `paths.small_unknown_batch` holds: the sample is so small
+    that a batch of `paths.TF_UNKNOWN_BATCH_ROWS` samples would fall below
+    the kernel's size floor, and `_small_train` runs instead. Decided once
+    per input signature, when traced: no `tf.cond`."""
+    if paths.small_unknown_batch(tuple(x.shape)):
+        return _small_train(x, gamma, beta, epsilon, axis)
+    return _kernel_exact_train(x, gamma, beta, epsilon, axis)
+
+
+def _kernel_exact_train(x, gamma, beta, epsilon, axis):
     """Channels-last training step with exact statistics (CPU kernels).
 
     Forward: up to `_KERNEL_GROUP_ROWS` rows, FusedBatchNormV3 as it is
