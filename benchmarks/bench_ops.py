@@ -9,7 +9,9 @@ moving-statistics update), its backward, and one inference call, for
 same input, and times the same calls round-robin.
 
 - TensorFlow: operations in the `tf.function` graph of the call (training:
-  forward plus `GradientTape` gradients w.r.t. the input, gamma and beta).
+  forward plus `GradientTape` gradients w.r.t. the input, gamma and beta),
+  traced for any batch size, as `model.fit` traces, and counted after
+  Grappler, the graph the runtime runs (`step_ops.py` lists their types).
 - JAX: equations in the jaxpr of `stateless_call` (and of its `jax.grad`),
   nested jaxprs (custom gradients, pjit) counted in full.
 - PyTorch: ATen ops dispatched in eager mode, counted with a
@@ -25,12 +27,14 @@ benchmarks/results/bench_ops.md):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import step_ops  # noqa: E402
 
 SHAPES = {"dense_128x128": (128, 128), "conv_128x16x16x8": (128, 16, 16, 8)}
 LAYERS = ("keras_bn", "keras")
@@ -52,12 +56,16 @@ def _tf_counts(layer, x):
     import tensorflow as tf
 
     x = tf.constant(x)
+    # Traced for any batch size, as `model.fit` traces its step on
+    # TensorFlow (a tf.data pipeline's batches): the graph users run.
+    function = functools.partial(tf.function, input_signature=[
+        tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype)])
 
-    @tf.function
+    @function
     def train(x):
         return layer(x, training=True)
 
-    @tf.function
+    @function
     def train_grad(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -65,13 +73,12 @@ def _tf_counts(layer, x):
             loss = tf.reduce_sum(y * y)
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
-    @tf.function
+    @function
     def infer(x):
         return layer(x, training=False)
 
     def ops(fn):
-        graph = fn.get_concrete_function(x).graph
-        return len(graph.get_operations())
+        return step_ops.grappler_ops(fn.get_concrete_function())
 
     counts = {"train": ops(train), "train+grad": ops(train_grad),
               "infer": ops(infer)}

@@ -102,6 +102,12 @@ def _grappler_types(fn) -> collections.Counter:
     return types
 
 
+def grappler_ops(fn) -> int:
+    """Ops of concrete function `fn` after Grappler, plumbing left out."""
+    types = _grappler_types(fn)
+    return sum(n for t, n in types.items() if t not in _PLUMBING)
+
+
 def count(name, rows, channels) -> dict:
     import tensorflow as tf
 

@@ -15,8 +15,8 @@ The paths:
   FusedBatchNormV3, ATen's batch norm).
 - `"exact_kernel"`: the same kernels fed groups of rows short enough for
   exact float32 sums, pooled exactly (CPU, channels last). On TensorFlow,
-  where the batch size is unknown when traced (`model.fit`) and the
-  sample is small (`small_unknown_batch`), the reference path's
+  for inputs below the kernel's size floor (`tf_small`: known sizes, and
+  `model.fit`'s unknown batch of a small sample), the reference path's
   statistics in plain ops with the paper's backward instead: the kernel's
   set-up would cost more than the whole step.
 - `"xla"`: statistics written for XLA's fusion with the paper's backward
@@ -118,6 +118,16 @@ class Path:
         return "\n".join(lines)
 
 
+def tf_small(shape: tuple) -> bool:
+    """TensorFlow's exact training path on CPU: whether an input of `shape`
+    is too small for the kernels' set-up to pay (fewer than
+    TF_MIN_KERNEL_SIZE_CPU values, or `small_unknown_batch`), so that
+    plain ops with the paper's backward run instead."""
+    if None in shape:
+        return small_unknown_batch(shape)
+    return math.prod(shape) < TF_MIN_KERNEL_SIZE_CPU
+
+
 def small_unknown_batch(shape: tuple) -> bool:
     """TensorFlow's exact path on CPU: whether an input of `shape` whose
     batch size is unknown (and every other dimension known) is taken for a
@@ -190,7 +200,8 @@ GATE = ("enabled", "no_mask", "one_axis", "kernel_dtype", "plain_step")
 RULES = {
     ("tensorflow", True): (
         (XLA, "exact", "in_xla", "cpu", "channels_last", "tf_size"),
-        (EXACT_KERNEL, "exact", "not_xla", "cpu", "channels_last", "tf_size"),
+        # Below the size floor it runs plain ops instead (`tf_small`).
+        (EXACT_KERNEL, "exact", "not_xla", "cpu", "channels_last"),
         (KERNEL, "opt_in", "tf_size"),
     ),
     ("tensorflow", False): ((KERNEL, "tf_size"),),
@@ -205,6 +216,10 @@ RULES = {
     # mean dominates (ATen's x * a + b would cancel the output's bits).
     ("torch", False): ((KERNEL, "eager", "rank2"),),
 }
+
+# TensorFlow's exact path below the kernels' size floor (`tf_small`).
+TF_SMALL_WHY = ("below the kernels' size floor: the reference path's "
+                "statistics in plain ops, with the paper's backward")
 
 WHY = {
     REFERENCE: "the keras.ops reference path",
@@ -229,6 +244,10 @@ def choose(call: Call) -> Path:
     for path, *needs in RULES.get((call.backend, call.training), ()):
         why = gate or _failed(call, needs)
         if why is None:
-            return Path(path, WHY[path], tuple(declined))
+            reason = WHY[path]
+            if (path == EXACT_KERNEL and call.backend == "tensorflow"
+                    and tf_small(call.shape)):
+                reason = TF_SMALL_WHY
+            return Path(path, reason, tuple(declined))
         declined.append((path, why))
     return Path(REFERENCE, WHY[REFERENCE], tuple(declined))

@@ -57,7 +57,8 @@ def test_renorm_ghost_and_replicas_train_on_the_reference_path(backend, fact):
     ({"gpu": True, "fused": True}, paths.KERNEL),
     ({"fused": True}, paths.KERNEL),
     ({"shape": (256, 16, 16, 16), "axes": (1,)}, paths.REFERENCE),
-    ({"shape": (128, 128), "axes": (1,)}, paths.REFERENCE),  # size floor
+    # Below the size floor: plain ops (tensorflow_backend._small_train).
+    ({"shape": (128, 128), "axes": (1,)}, paths.EXACT_KERNEL),
     ({"shape": (None, 32, 32, 16)}, paths.EXACT_KERNEL),  # unknown batch
 ])
 def test_tensorflow_training(facts, expected):

@@ -1,7 +1,8 @@
-"""TensorFlow's exact path with a batch size unknown when traced (what
-`model.fit` traces): small samples train in plain ops
-(`paths.small_unknown_batch`, `tensorflow_backend._small_train`, the paper's
-backward as a custom gradient), larger ones on the kernels. Both against
+"""TensorFlow's exact path below the kernels' size floor, for known sizes
+and for a batch size unknown when traced (what `model.fit` traces): small
+inputs train in plain ops (`paths.tf_small`, `tensorflow_backend.
+_small_train`, the paper's backward as a custom gradient), larger ones on
+the kernels. Both against
 the float64 reference and the eager reference path (`fused=False`)."""
 
 import keras
@@ -28,13 +29,26 @@ def test_small_unknown_batch_rule():
     assert not paths.small_unknown_batch((128, 128))  # a known batch
     assert not paths.small_unknown_batch((None, None, 8))
     assert not paths.small_unknown_batch((None, 16, 16, 8))
+    # Known sizes: the floor itself.
+    assert paths.tf_small((128, 128)) and paths.tf_small((None, 128))
+    assert not paths.tf_small((floor // 64, 64))
+    assert paths.tf_small((floor // 64 - 1, 64))
+    # which_path says what runs.
+    layer = keras_bn.BatchNormalization()
+    small = layer.which_path(keras.ops.zeros((128, 128)), training=True)
+    large = keras_bn.BatchNormalization().which_path(
+        keras.ops.zeros((floor // 64, 64)), training=True)
+    assert (small.name, small.reason) == (paths.EXACT_KERNEL,
+                                          paths.TF_SMALL_WHY)
+    assert large.reason == paths.WHY[paths.EXACT_KERNEL]
 
 
 @pytest.mark.parametrize("shape", [(64, 6), (200, 130), (7, 5, 4),
                                    (6, 4, 5, 3), (300, 1), (2, 3)])
 @pytest.mark.parametrize("offset", [0.5, 3e3, 1e5])
 @pytest.mark.parametrize("mode", ["eager_reference", "float64"])
-def test_unknown_batch_training_is_exact(shape, offset, mode):
+@pytest.mark.parametrize("unknown", [True, False], ids=["unknown", "static"])
+def test_small_training_is_exact(shape, offset, mode, unknown):
     rng = np.random.default_rng(len(shape) + shape[0])
     layer = keras_bn.BatchNormalization(momentum=0.5)
     layer.build(shape)
@@ -44,12 +58,12 @@ def test_unknown_batch_training_is_exact(shape, offset, mode):
          ).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     got = _execution.run(layer, x, mode="function", upstream=dy,
-                         unknown_batch=True)
-    sample = (None,) + shape[1:]
+                         unknown_batch=unknown)
+    traced = (None,) + shape[1:] if unknown else shape
     plan = next(p for facts, p in layer._plans.by_facts.items()
-                if facts[1] == sample)
+                if facts[1] == traced)
     assert plan.path.name == paths.EXACT_KERNEL
-    assert paths.small_unknown_batch(sample)
+    assert paths.tf_small(traced)
     if mode == "eager_reference":
         slow = keras_bn.BatchNormalization(momentum=0.5, fused=False)
         slow.build(shape)

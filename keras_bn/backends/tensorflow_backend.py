@@ -236,9 +236,8 @@ _KERNEL_GROUP_ROWS = 256
 
 
 def _small_train(x, gamma, beta, epsilon, axis):
-    """Channels-last training step in plain TensorFlow ops, for batches
-    below `paths.TF_MIN_KERNEL_SIZE_CPU` values whose size is only known
-    when the call runs (`_exact_train`).
+    """Channels-last training step in plain TensorFlow ops, for inputs
+    below `paths.TF_MIN_KERNEL_SIZE_CPU` values (`_exact_train`).
 
     The statistics are the reference path's own (`moments.shifted_moments`,
     the same ops, so the same float32 results), and so is the output's
@@ -289,12 +288,11 @@ def _small_train(x, gamma, beta, epsilon, axis):
 
 def _exact_train(x, gamma, beta, epsilon, axis):
     """The exact path's training step: `_kernel_exact_train`, except where
-    the batch size is unknown when traced (`model.fit` traces for any
-    batch) and `paths.small_unknown_batch` holds: the sample is so small
-    that a batch of `paths.TF_UNKNOWN_BATCH_ROWS` samples would fall below
-    the kernel's size floor, and `_small_train` runs instead. Decided once
-    per input signature, when traced: no `tf.cond`."""
-    if paths.small_unknown_batch(tuple(x.shape)):
+    `paths.tf_small` holds: an input below the kernel's size floor, or
+    (`model.fit` traces for any batch) a sample so small that a batch of
+    `paths.TF_UNKNOWN_BATCH_ROWS` would be, where `_small_train` runs
+    instead. Decided once per input signature, when traced: no `tf.cond`."""
+    if paths.tf_small(tuple(x.shape)):
         return _small_train(x, gamma, beta, epsilon, axis)
     return _kernel_exact_train(x, gamma, beta, epsilon, axis)
 
