@@ -169,9 +169,9 @@ NEEDS = {
     "cpu": (lambda c: not c.gpu, "on GPU the reference path is as fast"),
     "in_xla": (lambda c: c.xla, "not inside an XLA compilation"),
     "not_xla": (lambda c: not c.xla, "inside an XLA compilation"),
-    "tf_size": (lambda c: c.gpu or c.size is None
-                or c.size >= TF_MIN_KERNEL_SIZE_CPU,
-                f"fewer than {TF_MIN_KERNEL_SIZE_CPU} values on CPU, where "
+    "tf_size": (lambda c: c.gpu or not tf_small(c.shape),
+                f"fewer than {TF_MIN_KERNEL_SIZE_CPU} values on CPU (a batch "
+                f"of unknown size counted as {TF_UNKNOWN_BATCH_ROWS}), where "
                 "the kernel's set-up costs more than the reference path"),
     "jax_size": (lambda c: c.size is None or c.size >= JAX_MIN_XLA_SIZE,
                  f"fewer than {JAX_MIN_XLA_SIZE} values, where XLA compiles "

@@ -65,6 +65,16 @@ def test_tensorflow_training(facts, expected):
     assert paths.choose(_call("tensorflow", **facts)).name == expected
 
 
+@pytest.mark.parametrize("shape,expected", [
+    ((None, 128), paths.REFERENCE),  # model.fit's small dense batch
+    ((None, paths.TF_MIN_KERNEL_SIZE_CPU // 128), paths.KERNEL),
+    ((None, 32, 32, 16), paths.KERNEL),
+])
+def test_tensorflow_inference_counts_an_unknown_batch_as_128(shape, expected):
+    call = _call("tensorflow", False, shape=shape, axes=(len(shape) - 1,))
+    assert paths.choose(call).name == expected
+
+
 def test_tensorflow_size_floor_is_the_constant():
     floor = paths.TF_MIN_KERNEL_SIZE_CPU
     for training in (True, False):
