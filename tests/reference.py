@@ -170,3 +170,21 @@ def keras_mask_weights(mask, shape):
     axis, broadcast, nonzero counts as True; float64 0/1 weights."""
     w = np.expand_dims(np.asarray(mask) != 0, -1)
     return np.broadcast_to(w, shape).astype(np.float64)
+
+
+def assert_training_call(result, x, dy, feature_axes, weights, eps,
+                         momentum, tol=1e-5):
+    """A training call's `_execution.Result` against this module: outputs
+    and dx within `tol`, d gamma / d beta and the moving statistics
+    (Keras's EMA with `momentum` from `weights`' values) within 1e-5."""
+    y_ref, mu, var = forward_train(x, feature_axes, weights["gamma"],
+                                   weights["beta"], eps)
+    dx_ref, dgamma_ref, dbeta_ref = backward_train(
+        x, dy, feature_axes, weights["gamma"], eps)
+    assert_close(result.outputs, y_ref, tol=tol, what="outputs")
+    assert_close(result.dx, dx_ref, tol=tol, what="d inputs")
+    assert_close(result.grads["gamma"], dgamma_ref, what="d gamma")
+    assert_close(result.grads["beta"], dbeta_ref, what="d beta")
+    for name, batch in (("moving_mean", mu), ("moving_variance", var)):
+        assert_close(result.moving[name],
+                     ema(weights[name], batch.ravel(), momentum), what=name)

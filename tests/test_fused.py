@@ -486,17 +486,8 @@ def test_half_precision_gradients_in_every_mode(spy, mode, dtype, fused):
     _check_ran(spy, fused, mode=mode)
     assert result.dtype == dtype
     tol = 2.0**-7 if dtype == "bfloat16" else 2.0**-9
-    y_ref, mu, var = ref.forward_train(x_seen, (3,), w0["gamma"], w0["beta"],
-                                       EPS)
-    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(
-        x_seen, dy_seen, (3,), w0["gamma"], EPS)
-    ref.assert_close(result.outputs, y_ref, tol=tol, what="outputs")
-    ref.assert_close(result.dx, dx_ref, tol=tol, what="d inputs")
-    ref.assert_close(result.grads["gamma"], dgamma_ref, what="d gamma")
-    ref.assert_close(result.grads["beta"], dbeta_ref, what="d beta")
-    for name, batch in (("moving_mean", mu), ("moving_variance", var)):
-        ref.assert_close(result.moving[name],
-                         ref.ema(w0[name], batch.ravel(), 0.5), what=name)
+    ref.assert_training_call(result, x_seen, dy_seen, (3,), w0, EPS, 0.5,
+                             tol=tol)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF's grouped statistics")

@@ -79,18 +79,7 @@ def test_small_training_is_exact(shape, offset, mode, unknown):
             ref.assert_close(np.asarray(a, np.float64),
                              np.asarray(b, np.float64), tol=tol, what=what)
         return
-    axis = len(shape) - 1
-    y_ref, mu, var = ref.forward_train(x, (axis,), w0["gamma"], w0["beta"],
-                                       EPS)
-    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(
-        x, dy, (axis,), w0["gamma"], EPS)
-    ref.assert_close(got.outputs, y_ref, what="outputs (float64)")
-    ref.assert_close(got.dx, dx_ref, what="d inputs (float64)")
-    ref.assert_close(got.grads["gamma"], dgamma_ref, what="d gamma (float64)")
-    ref.assert_close(got.grads["beta"], dbeta_ref, what="d beta (float64)")
-    for name, batch in (("moving_mean", mu), ("moving_variance", var)):
-        ref.assert_close(got.moving[name],
-                         ref.ema(w0[name], batch.ravel(), 0.5), what=name)
+    ref.assert_training_call(got, x, dy, (len(shape) - 1,), w0, EPS, 0.5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -108,17 +97,7 @@ def test_unknown_batch_half_precision(dtype):
                          unknown_batch=True)
     assert got.dtype == dtype
     tol = 2.0**-7 if dtype == "bfloat16" else 2.0**-9
-    y_ref, mu, var = ref.forward_train(seen[0], (1,), w0["gamma"],
-                                       w0["beta"], EPS)
-    dx_ref, dgamma_ref, dbeta_ref = ref.backward_train(
-        seen[0], seen[1], (1,), w0["gamma"], EPS)
-    ref.assert_close(got.outputs, y_ref, tol=tol, what="outputs")
-    ref.assert_close(got.dx, dx_ref, tol=tol, what="d inputs")
-    ref.assert_close(got.grads["gamma"], dgamma_ref, what="d gamma")
-    ref.assert_close(got.grads["beta"], dbeta_ref, what="d beta")
-    for name, batch in (("moving_mean", mu), ("moving_variance", var)):
-        ref.assert_close(got.moving[name],
-                         ref.ema(w0[name], batch.ravel(), 0.5), what=name)
+    ref.assert_training_call(got, *seen, (1,), w0, EPS, 0.5, tol=tol)
 
 
 def test_unknown_batch_nonfinite_and_tiny_batches_leave_moving_statistics():
