@@ -947,9 +947,8 @@ class BatchNormalization(keras.layers.Layer):
         moving statistics and the round starts again from nothing.
         """
         dtype = keras.backend.standardize_dtype(variance.dtype)
-        n_a = self._vector(self.accumulated_count, dtype)
-        mean_a = self._vector(self.accumulated_mean, dtype)
-        m2_a = self._vector(self.accumulated_m2, dtype)
+        state = self._round_state()
+        n_a, mean_a, m2_a = (self._vector(v, dtype) for v in state)
         n = n_a + count
         diff = mean - mean_a
         weight = count / ops.maximum(n, 1.0)  # 0 for an empty batch
@@ -963,13 +962,18 @@ class BatchNormalization(keras.layers.Layer):
         n, mean, m2 = pooled
         step = self.accumulated_batches.value
         done = step >= self.moving_statistics_steps - 1
-        for name, value in zip(("count", "mean", "m2"), pooled):
-            variable = getattr(self, f"accumulated_{name}")
+        for variable, value in zip(state, pooled):
             variable.assign(ops.cast(ops.where(done, 0.0, value),
                                      variable.dtype))
         self.accumulated_batches.assign(
             ops.where(done, ops.zeros_like(step), step + 1))
         return n, mean, m2 / ops.maximum(n, 1.0), done
+
+    def _round_state(self):
+        """The accumulation round's per-channel `(count, mean, m2)`
+        variables (`moving_statistics_steps > 1`)."""
+        return (self.accumulated_count, self.accumulated_mean,
+                self.accumulated_m2)
 
     def _debiased_momentum(self, ok, dtype):
         """The per-channel momentum that keeps the moving statistics
@@ -1000,8 +1004,7 @@ class BatchNormalization(keras.layers.Layer):
         if self.debias_weight is not None:
             state.append(self.debias_weight)
         if self.accumulated_batches is not None:
-            state += [getattr(self, f"accumulated_{name}")
-                      for name in ("count", "mean", "m2", "batches")]
+            state += [*self._round_state(), self.accumulated_batches]
         for variable in state:
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 
