@@ -14,6 +14,18 @@ against which a difference has to be read), and new / old of the median
 time relative to the native kernel timed in the same process, which
 cancels what differs between processes (allocator state, thread
 placement) but not what differs between the two commits.
+
+With `--in-process` (`--old` may then name several commits, comma-
+separated), all commits run in the same process instead: each old commit's
+package is copied as `keras_bn_<commit>` (its own name rewritten, so that
+its registered names and PyTorch operator namespace do not collide with the
+new one's), and one child per round and backend times the old and new
+layers, default and `fused=True`, round-robin with the native kernel
+(`common.time_interleaved`), with the harness of the working tree's
+`bench_layer`. What differs between processes then falls on every side
+alike; the per-row figure is the median over rounds of each process's
+new / old median (and of the fastest calls). Writes
+`results/compare_commits_<old>[+<old>...]_<new>_in_process.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,9 +126,157 @@ def render(rows: list[dict], title: str) -> str:
     return f"# {title}\n\n{table}\n"
 
 
+# ------------------------------------------------------------ --in-process
+
+def _copy_renamed(tree: Path, into: Path, name: str) -> None:
+    """`tree`'s `keras_bn/` as `into/<name>/`, every `keras_bn` name in it
+    (imports, registered package, operator namespace) rewritten."""
+    target = into / name
+    shutil.copytree(tree / "keras_bn", target,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in target.rglob("*.py"):
+        path.write_text(re.sub(r"\bkeras_bn\b", name, path.read_text()))
+
+
+def child_in_process(backend: str, args) -> dict:
+    import importlib
+
+    import bench_layer
+    import keras_bn
+
+    sys.path.insert(0, str(args.old_path))
+    packages = {old: importlib.import_module(f"keras_bn_{old}")
+                for old in args.old.split(",")}
+    packages["new"] = keras_bn
+    bk = bench_layer._make_backend(backend, argparse.Namespace(
+        tf_xla=False, torch_compile=False))
+    rows = []
+    for shape in args.shape_list:
+        for dtype in args.dtype_list:
+            x, dy = bench_layer._inputs(bk, shape, dtype)
+            policy = "mixed_bfloat16" if dtype == "bfloat16" else "float32"
+            steps = {}
+            for side, package in packages.items():
+                for variant in VARIANTS:
+                    layer = package.BatchNormalization(
+                        epsilon=bench_layer.EPSILON, dtype=policy,
+                        fused=bench_layer.FUSED[variant])
+                    steps[f"{side}:{variant}"] = bk.layer_steps(layer, x, dy)
+            steps.update(bk.native_steps(x, dy))
+            for mode, index in (("train", 0), ("infer", 1)):
+                fns = {name: s[index] for name, s in steps.items()
+                       if name != "native_layer"}
+                times = common.time_interleaved(fns, args.repeats, 3)
+                for t in times.values():
+                    del t["samples_ms"]
+                rows.append({"shape": "x".join(map(str, shape)),
+                             "dtype": dtype, "mode": mode, "times": times})
+                print(rows[-1], file=sys.stderr, flush=True)
+            del steps
+    return {"machine": common.machine(backend), "rows": rows}
+
+
+def summarize_in_process(rounds: list[dict]) -> list[dict]:
+    """Per old commit, row and variant: each round's new / old (medians and
+    fastest), and their medians over the rounds."""
+    out = {}
+    for result in rounds:
+        backend = result["machine"]["backend"]
+        for row in result["rows"]:
+            t = row["times"]
+            olds = {name.split(":")[0] for name in t} - {"new", "native"}
+            for variant, commit in ((v, c) for v in VARIANTS for c in olds):
+                old, new = t[f"{commit}:{variant}"], t[f"new:{variant}"]
+                key = (commit, backend, variant, row["shape"], row["dtype"],
+                       row["mode"])
+                entry = out.setdefault(key, {"median": [], "fastest": [],
+                                             "new_ms": [], "native_ms": []})
+                entry["median"].append(new["median_ms"] / old["median_ms"])
+                entry["fastest"].append(new["min_ms"] / old["min_ms"])
+                entry["new_ms"].append(new["median_ms"])
+                if "native" in t:
+                    entry["native_ms"].append(t["native"]["median_ms"])
+    rows = []
+    for key in sorted(out):
+        e = out[key]
+        rows.append(dict(zip(("old", "backend", "variant", "shape", "dtype",
+                              "mode"), key),
+                         median_ratios=e["median"], fastest_ratios=e["fastest"],
+                         median_ratio=statistics.median(e["median"]),
+                         fastest_ratio=statistics.median(e["fastest"]),
+                         new_ms=statistics.median(e["new_ms"]),
+                         native_ms=(statistics.median(e["native_ms"])
+                                    if e["native_ms"] else None)))
+    return rows
+
+
+def render_in_process(rows: list[dict], title: str) -> str:
+    parts = [f"# {title}", ""]
+    for old in sorted({r["old"] for r in rows}):
+        parts += _render_old(old, [r for r in rows if r["old"] == old])
+    return "\n".join(parts)
+
+
+def _render_old(old: str, rows: list[dict]) -> list[str]:
+    table = common.markdown_table(
+        ["backend", "variant", "shape", "dtype", "mode",
+         "new/old of medians, per process", "median over processes",
+         "new/old of fastest calls (median over processes)",
+         "new median ms", "native median ms"],
+        [[r["backend"], r["variant"], r["shape"], r["dtype"], r["mode"],
+          " / ".join(f"{v:.3f}" for v in r["median_ratios"]),
+          f"{r['median_ratio']:.3f}", f"{r['fastest_ratio']:.3f}",
+          f"{r['new_ms']:.2f}", common.fmt(r["native_ms"], ".2f")]
+         for r in rows])
+    worst = max(rows, key=lambda r: r["median_ratio"])
+    over = [r for r in rows if r["median_ratio"] > 1.05]
+    return [f"## Against {old}", "",
+            f"{len(over)} of {len(rows)} rows over 1.05 (median over "
+            f"processes of new / old medians); the highest: "
+            f"{worst['backend']} {worst['variant']} {worst['shape']} "
+            f"{worst['dtype']} {worst['mode']} {worst['median_ratio']:.3f}.",
+            "", table, ""]
+
+
+def in_process(args, olds: list[str], new: str, backends) -> None:
+    work = Path(tempfile.mkdtemp(prefix="keras_bn_in_process_"))
+    for old in olds:
+        tree = work / old
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), old],
+                       cwd=common.REPO, check=True, stdout=subprocess.DEVNULL)
+        try:
+            _copy_renamed(tree, work / "packages", f"keras_bn_{old}")
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force",
+                            str(tree)], cwd=common.REPO, check=False)
+    passthrough = ["--old", ",".join(olds), "--old-path",
+                   str(work / "packages"), "--repeats", str(args.repeats)]
+    if args.shapes:
+        passthrough += ["--shapes", args.shapes]
+    if args.dtypes:
+        passthrough += ["--dtypes", args.dtypes]
+    malloc, env, suffix = common.malloc_settings(args, backends)
+    rounds = []
+    for _ in range(args.rounds):
+        rounds += common.run_children(__file__, backends, passthrough,
+                                      env).values()
+    rows = summarize_in_process(rounds)
+    name = f"compare_commits_{'+'.join(olds)}_{new}_in_process{suffix}"
+    title = (f"bench_layer in one process: {', '.join(olds)} (old) against "
+             f"{new} (new), {args.rounds} processes per backend, "
+             f"{args.repeats} interleaved calls each"
+             f"{', steady malloc' if suffix else ''}")
+    (common.RESULTS / f"{name}.json").write_text(json.dumps(
+        {"machine": common.machine(), "old": olds, "new": new,
+         "malloc": malloc, "rounds": rounds, "rows": rows}, indent=1) + "\n")
+    text = render_in_process(rows, title)
+    (common.RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", required=True, help="the earlier commit")
+    parser.add_argument("--old", help="the earlier commit (required)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", default=",".join(common.BACKENDS))
     parser.add_argument("--repeats", type=int, default=10)
@@ -131,15 +293,38 @@ def main() -> None:
                         help="the new side's name in the results (default: "
                         "the working tree's commit); with --render, the "
                         "commit the runs measured")
+    parser.add_argument("--in-process", action="store_true",
+                        help="both commits in one process (see above)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--old-path", type=Path, help=argparse.SUPPRESS)
     common.add_steady_malloc_option(parser)
     args = parser.parse_args()
+    if args.child:
+        import bench_layer
+
+        args.shape_list = [tuple(int(d) for d in s.split(",")) for s in (
+            args.shapes or ";".join(",".join(map(str, s))
+                                    for s in bench_layer.SHAPES)).split(";")]
+        args.dtype_list = (args.dtypes or ",".join(bench_layer.DTYPES)).split(",")
+        common.quiet_logs()
+        common.emit(child_in_process(args.child, args))
+        return
+    if not args.old:
+        parser.error("--old is required")
     backends = args.backends.split(",")
     suffix = "_steady_malloc" if args.steady_malloc else ""
     runs = args.runs or Path(tempfile.mkdtemp(prefix="compare_commits_"))
-    old = subprocess.run(["git", "rev-parse", "--short", args.old],
-                         cwd=common.REPO, check=True, text=True,
-                         stdout=subprocess.PIPE).stdout.strip()
+    olds = [subprocess.run(["git", "rev-parse", "--short", commit],
+                           cwd=common.REPO, check=True, text=True,
+                           stdout=subprocess.PIPE).stdout.strip()
+            for commit in args.old.split(",")]
     new = args.new_label or common.git_state()
+    if args.in_process:
+        in_process(args, olds, new, backends)
+        return
+    if len(olds) > 1:
+        parser.error("several --old commits need --in-process")
+    old = olds[0]
     if not args.render:
         tree = Path(tempfile.mkdtemp(prefix=f"keras_bn_{old}_"))
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), old],
@@ -163,7 +348,7 @@ def main() -> None:
              f"{', steady malloc' if suffix else ''}")
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     (common.RESULTS / f"{name}.json").write_text(json.dumps(
-        {"machine": common.machine(), "old": old, "new": new, "rows": rows},
+        {"machine": common.machine(), "old": olds, "new": new, "rows": rows},
         indent=1) + "\n")
     text = render(rows, title)
     (common.RESULTS / f"{name}.md").write_text(text)
