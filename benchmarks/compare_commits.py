@@ -25,7 +25,8 @@ layers, default and `fused=True`, round-robin with the native kernel
 `bench_layer`. What differs between processes then falls on every side
 alike; the per-row figure is the median over rounds of each process's
 new / old median (and of the fastest calls). Writes
-`results/compare_commits_<old>[+<old>...]_<new>_in_process.json` and `.md`.
+`results/compare_commits_<old>[+<old>...]_<new>_in_process[_<backend>...]`
+`.json` and `.md` (the backends named unless all ran).
 """
 
 from __future__ import annotations
@@ -262,6 +263,8 @@ def in_process(args, olds: list[str], new: str, backends) -> None:
                                       env).values()
     rows = summarize_in_process(rounds)
     name = f"compare_commits_{'+'.join(olds)}_{new}_in_process{suffix}"
+    if tuple(backends) != common.BACKENDS:  # runs per backend keep their own
+        name += "_" + "_".join(backends)
     title = (f"bench_layer in one process: {', '.join(olds)} (old) against "
              f"{new} (new), {args.rounds} processes per backend, "
              f"{args.repeats} interleaved calls each"
