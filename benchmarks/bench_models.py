@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -90,6 +91,8 @@ FOLD_MODELS = {
 FOLD_VARIANTS = ("keras_bn", "keras", "folded")
 BN_VARIANTS = VARIANTS[:3]
 TAX_TARGET = {"cifar10_conv": 0.15}
+# --against: {commit: that commit's keras_bn, imported as keras_bn_<commit>}.
+OLD = {}
 
 
 def tiny_conv(batch_norm=True, norm_layer=None):
@@ -120,6 +123,7 @@ def _build(name, variant, jit_compile):
     builder = (tiny_conv if builder == "tiny_conv"
                else getattr(keras_bn.models, builder))
     norm_layer = {
+        **{f"keras_bn@{c}": m.BatchNormalization for c, m in OLD.items()},
         "keras_bn": None,
         "keras_bn_fused": functools.partial(keras_bn.BatchNormalization,
                                             fused=True),
@@ -151,6 +155,9 @@ def child(backend, args):
     keras.utils.set_random_seed(0)
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     variants = SMALL_VARIANTS if args.small else VARIANTS
+    if args.against:
+        OLD.update(common.import_old_packages(args.old_path, [args.against]))
+        variants = (*variants, f"keras_bn@{args.against}")
     rows = []
     for name in args.models:
         _, _, shape, batch, steps = MODELS[name]
@@ -159,7 +166,7 @@ def child(backend, args):
         x = rng.uniform(0.0, 1.0, (batch * steps,) + shape).astype("float32")
         y = rng.integers(0, 10, batch * steps)
         fns, models = {}, {}
-        for variant in variants:
+        for variant in _build_order(variants, args.seed):
             model = models[variant] = _build(name, variant, jit)
             model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch,
                       epochs=1, verbose=0)  # compiles
@@ -181,6 +188,16 @@ def child(backend, args):
             "jit_compile": args.jit_compile, "rows": rows}
 
 
+def _build_order(variants, seed: int) -> list:
+    """The order process `seed` builds the variants in: a different
+    permutation for each of `len(variants)!` consecutive seeds, so that
+    what the build order does to a model's speed (where its weights and
+    buffers land in the heap) falls on every variant alike over the
+    processes instead of on the first-built one each time."""
+    orders = list(itertools.permutations(variants))
+    return list(orders[seed % len(orders)])
+
+
 def _row(name, batch, steps, times) -> dict:
     """A result row from `{variant: common.timing_stats}` of fit epochs."""
     bn_variants = [v for v in times if v != "no_bn"]
@@ -196,11 +213,18 @@ def _row(name, batch, steps, times) -> dict:
            "bn_tax_of_min": {
                v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
                for v in bn_variants}}
-    if "keras" in times and "keras_bn" in times:
-        row["vs_keras"] = {
-            stat: times["keras_bn"][f"{stat}_ms"] / times["keras"][f"{stat}_ms"]
-            for stat in ("median", "min")}
+    for key, other in _OTHERS.items():
+        other = next((v for v in times if v.startswith(other)), None)
+        if other and "keras_bn" in times:
+            row[key] = {
+                stat: times["keras_bn"][f"{stat}_ms"]
+                / times[other][f"{stat}_ms"] for stat in ("median", "min")}
     return row
+
+
+# Ours / another variant's epoch time, per row: Keras's layer, and with
+# --against the earlier commit's layer.
+_OTHERS = {"vs_keras": "keras", "vs_old": "keras_bn@"}
 
 
 def _summary(row) -> str:
@@ -210,6 +234,9 @@ def _summary(row) -> str:
     if "vs_keras" in row:
         text += ("; time ours / Keras's: median {median:.3f}, best "
                  "{min:.3f}".format(**row["vs_keras"]))
+    if "vs_old" in row:
+        text += ("; ours / before: median {median:.3f}, best "
+                 "{min:.3f}".format(**row["vs_old"]))
     return text
 
 
@@ -230,11 +257,11 @@ def _pooled(rows) -> dict:
     for key in ("bn_ops",):
         if key in first:
             row[key] = first[key]
-    if "vs_keras" in row:
-        row["per_process_vs_keras"] = [r["vs_keras"] for r in rows]
-        row["vs_keras"] = {
-            stat: statistics.median(r["vs_keras"][stat] for r in rows)
-            for stat in ("median", "min")}
+    for key in _OTHERS:
+        if key in row:
+            row[f"per_process_{key}"] = [r[key] for r in rows]
+            row[key] = {stat: statistics.median(r[key][stat] for r in rows)
+                        for stat in ("median", "min")}
     return row
 
 
@@ -324,7 +351,8 @@ def _machine_line(path: Path, result: dict, commit: bool = False) -> str:
 def _result_files(results_dir: Path, kind: str) -> list[Path]:
     """The `bench_models_<kind>_<backend>*.json` files, in backend order."""
     return [p for b in common.BACKENDS
-            for p in sorted(results_dir.glob(f"bench_models_{kind}_{b}*.json"))]
+            for p in sorted(results_dir.glob(f"bench_models_{kind}_{b}*.json"))
+            if "_against_" not in p.name]  # render_against
 
 
 def render_fold(results_dir: Path) -> list[str]:
@@ -430,6 +458,8 @@ def render(results_dir: Path) -> str:
     rows, machines = [], []
     for backend in common.BACKENDS:
         for path in sorted(results_dir.glob(f"bench_models_{backend}*.json")):
+            if "_against_" in path.name:
+                continue  # render_against
             result = json.loads(path.read_text())
             machines.append(_machine_line(path, result))
             for row in result["rows"]:
@@ -452,7 +482,41 @@ def render(results_dir: Path) -> str:
                 ])
     parts += [common.markdown_table(header, rows), "", *machines, ""]
     return "\n".join(parts + render_small(results_dir)
-                     + render_fold(results_dir))
+                     + render_against(results_dir) + render_fold(results_dir))
+
+
+def render_against(results_dir: Path) -> list[str]:
+    paths = [p for b in common.BACKENDS for p in sorted(
+        results_dir.glob(f"bench_models*_{b}*_against_*.json"))]
+    if not paths:
+        return []
+    parts = ["## Against an earlier commit", "",
+             "`--against COMMIT`: that commit's layer (imported as "
+             "`keras_bn_<commit>`) as one more variant in the same processes, "
+             "its `fit` epochs interleaved with the others'. Epoch time ours / "
+             "the earlier commit's: the median over the processes of each "
+             "process's ratio of medians and of fastest epochs, then each "
+             "process's own.", ""]
+    header = ["backend", "model", "batch x steps", "commit", "keras_bn /s",
+              "earlier /s", "ours / earlier: median", "best",
+              "per process: median"]
+    rows, machines = [], []
+    for path in paths:
+        result = json.loads(path.read_text())
+        machines.append(_machine_line(path, result, commit=True))
+        for row in result["rows"]:
+            old = next(v for v in row["samples_per_s"]
+                       if v.startswith("keras_bn@"))
+            ratio = row["vs_old"]
+            rows.append([
+                result["machine"]["backend"], row["model"],
+                f"{row['batch_size']} x {row['steps']}", old.split("@")[1],
+                f"{row['samples_per_s']['keras_bn']:.0f}",
+                f"{row['samples_per_s'][old]:.0f}",
+                f"{ratio['median']:.3f}", f"{ratio['min']:.3f}",
+                ", ".join(f"{r['median']:.2f}"
+                          for r in row.get("per_process_vs_old", []))])
+    return parts + [common.markdown_table(header, rows), "", *machines, ""]
 
 
 def main(argv=None):
@@ -482,6 +546,10 @@ def main(argv=None):
                       "ours against Keras's layer, with op counts")
     parser.add_argument("--render", action="store_true",
                         help="only rebuild the markdown from the JSON files")
+    parser.add_argument("--against", default=None, metavar="COMMIT",
+                        help="also time that commit's layer, in the same "
+                        "processes (results: ..._against_<commit>.json)")
+    parser.add_argument("--old-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for m in (args.models or ",".join(
@@ -489,6 +557,8 @@ def main(argv=None):
         else DEFAULT_MODELS)).split(",") if m]
     if args.repeats is None:
         args.repeats = 7 if args.small else 5
+    if args.fold and args.against:
+        parser.error("--against times fit epochs; --fold cannot take it")
     if args.fold and args.processes != 1:
         parser.error("--processes pools fit epochs; --fold takes 1")
 
@@ -499,6 +569,10 @@ def main(argv=None):
     if not args.render:
         backends = [b for b in args.backends.split(",") if b]
         malloc, env, malloc_suffix = common.malloc_settings(args, backends)
+        against = []
+        if args.against:
+            against = ["--against", args.against, "--old-path",
+                       str(common.old_packages([args.against]))]
         # One process per model: a process that has trained other models
         # runs the next one at a different speed (its heap, its threads),
         # and that falls unevenly on the variants (seen on PyTorch: 2.6x
@@ -506,7 +580,8 @@ def main(argv=None):
         # 0.97 alone).
         # With --processes, several such processes per model, their epochs
         # pooled: each process settles into its own speed, and no one
-        # process's state decides a ratio.
+        # process's state decides a ratio (each builds the variants in its
+        # own order: `_build_order`).
         results, runs = {}, {}
         for model in args.models:
             for seed in range(args.processes):
@@ -516,7 +591,7 @@ def main(argv=None):
                          "--steps", str(args.steps), "--jit-compile",
                          args.jit_compile, "--seed", str(seed),
                          *(["--fold"] if args.fold else []),
-                         *(["--small"] if args.small else [])],
+                         *(["--small"] if args.small else []), *against],
                         env, user_openmp=True).items():
                     results.setdefault(backend, {**result, "rows": []})
                     runs.setdefault((backend, model), []).extend(
@@ -533,7 +608,8 @@ def main(argv=None):
                 continue
             result["malloc"] = malloc
             suffix = ("" if args.jit_compile == "auto" else
-                      f"_jit_{args.jit_compile}") + malloc_suffix
+                      f"_jit_{args.jit_compile}") + malloc_suffix + (
+                f"_against_{args.against}" if args.against else "")
             common.write_results(
                 "bench_models_small" if args.small else "bench_models",
                 backend + suffix, result, args.out)

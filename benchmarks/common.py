@@ -12,9 +12,12 @@ import json
 import os
 import platform
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +149,40 @@ def _memory_gib() -> float | None:
     except OSError:
         pass
     return None
+
+
+def old_packages(commits) -> Path:
+    """A folder holding each commit's `keras_bn/` as `keras_bn_<commit>/`,
+    every `keras_bn` name in it (imports, registered package, PyTorch
+    operator namespace) rewritten, so that one process can import the old
+    packages next to the working tree's (`import_old_packages`) and time
+    them round-robin: what differs between processes then falls on every
+    side alike."""
+    folder = Path(tempfile.mkdtemp(prefix="keras_bn_old_")) / "packages"
+    for commit in commits:
+        tree = folder.parent / commit
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree),
+                        commit], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL)
+        try:
+            name = f"keras_bn_{commit}"
+            shutil.copytree(tree / "keras_bn", folder / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            for path in (folder / name).rglob("*.py"):
+                path.write_text(re.sub(r"\bkeras_bn\b", name,
+                                       path.read_text()))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force",
+                            str(tree)], cwd=REPO, check=False)
+    return folder
+
+
+def import_old_packages(folder: Path, commits) -> dict:
+    """`{commit: module}` of `old_packages(commits)`'s packages."""
+    import importlib
+
+    sys.path.insert(0, str(folder))
+    return {c: importlib.import_module(f"keras_bn_{c}") for c in commits}
 
 
 def git_state() -> str | None:

@@ -17,9 +17,7 @@ placement) but not what differs between the two commits.
 
 With `--in-process` (`--old` may then name several commits, comma-
 separated), all commits run in the same process instead: each old commit's
-package is copied as `keras_bn_<commit>` (its own name rewritten, so that
-its registered names and PyTorch operator namespace do not collide with the
-new one's), and one child per round and backend times the old and new
+package is imported as `keras_bn_<commit>` (`common.old_packages`), and one child per round and backend times the old and new
 layers, default and `fused=True`, round-robin with the native kernel
 (`common.time_interleaved`), with the harness of the working tree's
 `bench_layer`. What differs between processes then falls on every side
@@ -34,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -129,25 +125,11 @@ def render(rows: list[dict], title: str) -> str:
 
 # ------------------------------------------------------------ --in-process
 
-def _copy_renamed(tree: Path, into: Path, name: str) -> None:
-    """`tree`'s `keras_bn/` as `into/<name>/`, every `keras_bn` name in it
-    (imports, registered package, operator namespace) rewritten."""
-    target = into / name
-    shutil.copytree(tree / "keras_bn", target,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for path in target.rglob("*.py"):
-        path.write_text(re.sub(r"\bkeras_bn\b", name, path.read_text()))
-
-
 def child_in_process(backend: str, args) -> dict:
-    import importlib
-
     import bench_layer
     import keras_bn
 
-    sys.path.insert(0, str(args.old_path))
-    packages = {old: importlib.import_module(f"keras_bn_{old}")
-                for old in args.old.split(",")}
+    packages = common.import_old_packages(args.old_path, args.old.split(","))
     packages["new"] = keras_bn
     bk = bench_layer._make_backend(backend, argparse.Namespace(
         tf_xla=False, torch_compile=False))
@@ -240,18 +222,9 @@ def _render_old(old: str, rows: list[dict]) -> list[str]:
 
 
 def in_process(args, olds: list[str], new: str, backends) -> None:
-    work = Path(tempfile.mkdtemp(prefix="keras_bn_in_process_"))
-    for old in olds:
-        tree = work / old
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), old],
-                       cwd=common.REPO, check=True, stdout=subprocess.DEVNULL)
-        try:
-            _copy_renamed(tree, work / "packages", f"keras_bn_{old}")
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force",
-                            str(tree)], cwd=common.REPO, check=False)
     passthrough = ["--old", ",".join(olds), "--old-path",
-                   str(work / "packages"), "--repeats", str(args.repeats)]
+                   str(common.old_packages(olds)), "--repeats",
+                   str(args.repeats)]
     if args.shapes:
         passthrough += ["--shapes", args.shapes]
     if args.dtypes:
