@@ -213,8 +213,8 @@ def _row(name, batch, steps, times) -> dict:
            "bn_tax_of_min": {
                v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
                for v in bn_variants}}
-    for key, other in _OTHERS.items():
-        other = next((v for v in times if v.startswith(other)), None)
+    for key, is_other in _OTHERS.items():
+        other = next((v for v in times if is_other(v)), None)
         if other and "keras_bn" in times:
             row[key] = {
                 stat: times["keras_bn"][f"{stat}_ms"]
@@ -224,7 +224,8 @@ def _row(name, batch, steps, times) -> dict:
 
 # Ours / another variant's epoch time, per row: Keras's layer, and with
 # --against the earlier commit's layer.
-_OTHERS = {"vs_keras": "keras", "vs_old": "keras_bn@"}
+_OTHERS = {"vs_keras": lambda v: v == "keras",
+           "vs_old": lambda v: v.startswith("keras_bn@")}
 
 
 def _summary(row) -> str:
