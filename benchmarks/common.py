@@ -7,6 +7,7 @@ before keras is imported) and collect each child's JSON.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -151,6 +152,19 @@ def _memory_gib() -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def worktree(commit: str):
+    """A detached `git worktree` of `commit` (its path), removed after."""
+    tree = Path(tempfile.mkdtemp(prefix=f"keras_bn_{commit}_"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)],
+                       cwd=REPO, check=False)
+
+
 def old_packages(commits) -> Path:
     """A folder holding each commit's `keras_bn/` as `keras_bn_<commit>/`,
     every `keras_bn` name in it (imports, registered package, PyTorch
@@ -160,20 +174,13 @@ def old_packages(commits) -> Path:
     side alike."""
     folder = Path(tempfile.mkdtemp(prefix="keras_bn_old_")) / "packages"
     for commit in commits:
-        tree = folder.parent / commit
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree),
-                        commit], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL)
-        try:
+        with worktree(commit) as tree:
             name = f"keras_bn_{commit}"
             shutil.copytree(tree / "keras_bn", folder / name,
                             ignore=shutil.ignore_patterns("__pycache__"))
             for path in (folder / name).rglob("*.py"):
                 path.write_text(re.sub(r"\bkeras_bn\b", name,
                                        path.read_text()))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force",
-                            str(tree)], cwd=REPO, check=False)
     return folder
 
 

@@ -302,10 +302,7 @@ def main() -> None:
         parser.error("several --old commits need --in-process")
     old = olds[0]
     if not args.render:
-        tree = Path(tempfile.mkdtemp(prefix=f"keras_bn_{old}_"))
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), old],
-                       cwd=common.REPO, check=True)
-        try:
+        with common.worktree(old) as tree:
             script = args.script or tree / "benchmarks" / "bench_layer.py"
             sides = {"old": tree, "new": common.REPO}
             for r in range(args.rounds):
@@ -314,9 +311,6 @@ def main() -> None:
                     for side in order:
                         _run(script, sides[side], runs / f"{side}_{r}",
                              backend, args)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force",
-                            str(tree)], cwd=common.REPO, check=False)
     rows = summarize(runs, backends, suffix)
     name = f"compare_commits_{old}_{new}{suffix}"
     title = (f"bench_layer: {old} (old) against {new} (new), "
