@@ -38,9 +38,11 @@ mostly the ops it asks of the framework (issue 17: never slower than
 Keras's layer): the three MNIST dense variants (`mnist_dense`'s article1,
 article2, article3; batch 128 of 784 inputs) and `tiny_conv` (16x16x8
 inputs, `Conv2D(8) -> BN -> ReLU -> GlobalAveragePooling2D -> Dense(10)`),
-with keras_bn's layer, Keras's layer and no BN, `--repeats` (default 7)
-interleaved `fit` epochs each. Each row gives ours / Keras's epoch time of
-the medians and of the fastest epochs, and the op counts of one BN call on
+with keras_bn's layer, Keras's layer (twice: two separately built models,
+the A/A control) and no BN, `--repeats` (default 7) interleaved `fit`
+epochs each. Each row gives ours / Keras's epoch time of the medians and of
+the fastest epochs, the same ratio of Keras's second model to its first
+(what two equal layers read: the resolution), and the op counts of one BN call on
 that model's BN input (`bench_ops.op_counts`: TF graph ops, jaxpr
 equations, ATen dispatches; results: bench_models_small_<backend>.json).
 
@@ -82,7 +84,11 @@ DEFAULT_MODELS = ("cifar10_conv", "mnist_dense")
 SMALL_MODELS = ("mnist_article1", "mnist_article2", "mnist_article3",
                 "tiny_conv")
 VARIANTS = ("keras_bn", "keras_bn_fused", "keras", "no_bn")
-SMALL_VARIANTS = ("keras_bn", "keras", "no_bn")
+# keras_again: a second, separately built model with Keras's layer. Its
+# time / Keras's (an A/A comparison of two identical variants) is what
+# ours / Keras's reads when the two layers cost the same: the resolution
+# of the measurement on this machine.
+SMALL_VARIANTS = ("keras_bn", "keras", "keras_again", "no_bn")
 FOLD_MODELS = {
     # name: (input shape, batch size, batches per timed run)
     "cifar10_conv": ((32, 32, 3), 256, 8),
@@ -128,6 +134,7 @@ def _build(name, variant, jit_compile):
         "keras_bn_fused": functools.partial(keras_bn.BatchNormalization,
                                             fused=True),
         "keras": keras.layers.BatchNormalization,
+        "keras_again": keras.layers.BatchNormalization,
     }.get(variant)
     model = builder(
         batch_norm=variant != "no_bn", norm_layer=norm_layer, **kwargs)
@@ -213,19 +220,21 @@ def _row(name, batch, steps, times) -> dict:
            "bn_tax_of_min": {
                v: 1.0 - times["no_bn"]["min_ms"] / times[v]["min_ms"]
                for v in bn_variants}}
-    for key, is_other in _OTHERS.items():
+    for key, (name, is_other) in _OTHERS.items():
         other = next((v for v in times if is_other(v)), None)
-        if other and "keras_bn" in times:
+        if other and name in times:
             row[key] = {
-                stat: times["keras_bn"][f"{stat}_ms"]
+                stat: times[name][f"{stat}_ms"]
                 / times[other][f"{stat}_ms"] for stat in ("median", "min")}
     return row
 
 
-# Ours / another variant's epoch time, per row: Keras's layer, and with
-# --against the earlier commit's layer.
-_OTHERS = {"vs_keras": lambda v: v == "keras",
-           "vs_old": lambda v: v.startswith("keras_bn@")}
+# Per row, one variant's epoch time / another's: ours / Keras's layer,
+# with --against ours / the earlier commit's layer, and with --small the
+# A/A control (Keras's layer / Keras's layer in a second model).
+_OTHERS = {"vs_keras": ("keras_bn", lambda v: v == "keras"),
+           "vs_old": ("keras_bn", lambda v: v.startswith("keras_bn@")),
+           "a_a": ("keras_again", lambda v: v == "keras")}
 
 
 def _summary(row) -> str:
@@ -238,6 +247,9 @@ def _summary(row) -> str:
     if "vs_old" in row:
         text += ("; ours / before: median {median:.3f}, best "
                  "{min:.3f}".format(**row["vs_old"]))
+    if "a_a" in row:
+        text += ("; A/A Keras's / Keras's: median {median:.3f}, best "
+                 "{min:.3f}".format(**row["a_a"]))
     return text
 
 
@@ -406,6 +418,9 @@ def render_small(results_dir: Path) -> list[str]:
              "each process, of the medians and of the fastest epochs; the "
              "table gives the median over the processes of each (target: "
              "<= 1 on both), then every process's own median ratio; "
+             "A/A: a second model with Keras's layer against the first, "
+             "timed alike, the ratio that two layers of equal cost read "
+             "here (the measurement's resolution; absent in older files); "
              "samples/s are of every epoch pooled. Ops: one "
              "BN call on the model's BN input, ours / Keras's (TensorFlow: "
              "graph ops, JAX: jaxpr equations, PyTorch: ATen dispatches; "
@@ -413,9 +428,10 @@ def render_small(results_dir: Path) -> list[str]:
              "benchmarks/bench_models.py --small`.", ""]
     header = ["backend", "jit_compile", "malloc", "model", "BN input",
               "batch x steps",
-              "keras_bn /s", "keras /s", "no BN /s",
+              "keras_bn /s", "keras /s", "keras again /s", "no BN /s",
               "time ours / Keras's: median", "best", "<= 1",
-              "per process: median", "ops train", "ops train+grad",
+              "per process: median", "A/A Keras's / Keras's: median",
+              "best", "per process: median", "ops train", "ops train+grad",
               "ops infer"]
     rows, machines = [], []
     for path in paths:
@@ -431,11 +447,16 @@ def render_small(results_dir: Path) -> list[str]:
                 ", ".join(f"{o['layers']} x "
                           + "x".join(str(d) for d in o["shape"]) for o in ops),
                 f"{row['batch_size']} x {row['steps']}",
-                *(f"{thr[v]:.0f}" for v in SMALL_VARIANTS),
+                *(f"{thr[v]:.0f}" if v in thr else "-"
+                  for v in SMALL_VARIANTS),
                 f"{ratio['median']:.3f}", f"{ratio['min']:.3f}",
                 "yes" if max(ratio.values()) <= 1 else "NO",
                 ", ".join(f"{r['median']:.2f}"
                           for r in row.get("per_process_vs_keras", [])),
+                *((f"{a_a['median']:.3f}", f"{a_a['min']:.3f}")
+                  if (a_a := row.get("a_a")) else ("-", "-")),
+                ", ".join(f"{r['median']:.2f}"
+                          for r in row.get("per_process_a_a", [])) or "-",
                 *(", ".join(f"{o['keras_bn'][k]} / {o['keras'][k]}"
                             for o in ops)
                   for k in ("train", "train+grad", "infer")),
