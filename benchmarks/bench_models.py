@@ -278,6 +278,28 @@ def _pooled(rows) -> dict:
     return row
 
 
+def _median_interval(values, level: float = 0.95, resamples: int = 10000):
+    """A bootstrap interval of the median of `values` (per-process ratios):
+    the range in which the median over processes would fall were the
+    processes drawn again. Seeded, so that a rerendered table reads the
+    same."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    draws = np.random.default_rng(0).choice(
+        values, (resamples, len(values)))
+    medians = np.median(draws, axis=1)
+    tail = (1.0 - level) / 2.0
+    return tuple(float(q) for q in np.quantile(medians, (tail, 1.0 - tail)))
+
+
+def _verdict(interval) -> str:
+    """What a ratio's interval says: ours faster or slower than Keras's
+    layer only where the interval excludes 1."""
+    low, high = interval
+    return "faster" if high < 1.0 else "slower" if low > 1.0 else "no difference shown"
+
+
 def _fold_models(name):
     """`{variant: model}` of one `FOLD_MODELS` entry, same weights."""
     import keras
@@ -417,7 +439,10 @@ def render_small(results_dir: Path) -> list[str]:
              "(each file's `processes`). Epoch time ours / Keras's: within "
              "each process, of the medians and of the fastest epochs; the "
              "table gives the median over the processes of each (target: "
-             "<= 1 on both), then every process's own median ratio; "
+             "<= 1 on both), then every process's own median ratio, a "
+             "95% bootstrap interval of the median over the processes, and "
+             "what it shows (ours faster or slower only where the interval "
+             "excludes 1); "
              "A/A: a second model with Keras's layer against the first, "
              "timed alike, the ratio that two layers of equal cost read "
              "here (the measurement's resolution; absent in older files); "
@@ -430,7 +455,8 @@ def render_small(results_dir: Path) -> list[str]:
               "batch x steps",
               "keras_bn /s", "keras /s", "keras again /s", "no BN /s",
               "time ours / Keras's: median", "best", "<= 1",
-              "per process: median", "A/A Keras's / Keras's: median",
+              "per process: median", "95% interval (median)", "shows",
+              "A/A Keras's / Keras's: median",
               "best", "per process: median", "ops train", "ops train+grad",
               "ops infer"]
     rows, machines = [], []
@@ -453,6 +479,8 @@ def render_small(results_dir: Path) -> list[str]:
                 "yes" if max(ratio.values()) <= 1 else "NO",
                 ", ".join(f"{r['median']:.2f}"
                           for r in row.get("per_process_vs_keras", [])),
+                *((f"{interval[0]:.3f}-{interval[1]:.3f}", _verdict(interval))
+                  if (interval := _row_interval(row)) else ("-", "-")),
                 *((f"{a_a['median']:.3f}", f"{a_a['min']:.3f}")
                   if (a_a := row.get("a_a")) else ("-", "-")),
                 ", ".join(f"{r['median']:.2f}"
@@ -462,6 +490,13 @@ def render_small(results_dir: Path) -> list[str]:
                   for k in ("train", "train+grad", "infer")),
             ])
     return parts + [common.markdown_table(header, rows), "", *machines, ""]
+
+
+def _row_interval(row):
+    """The bootstrap interval of a row's ours / Keras's (medians), from
+    its processes' ratios (None for a single process)."""
+    ratios = [r["median"] for r in row.get("per_process_vs_keras", [])]
+    return _median_interval(ratios) if len(ratios) > 1 else None
 
 
 def render(results_dir: Path) -> str:
