@@ -46,11 +46,18 @@ the fastest epochs, the same ratio of Keras's second model to its first
 that model's BN input (`bench_ops.op_counts`: TF graph ops, jaxpr
 equations, ATen dispatches; results: bench_models_small_<backend>.json).
 
+With `--tf-dataset` (TensorFlow), `fit` reads a `tf.data.Dataset` built
+once and cached instead of NumPy arrays: from arrays `fit` builds its input
+pipeline afresh each epoch, copying the whole sample, which every variant
+pays alike and which varies from epoch to epoch
+(results: bench_models_small_tensorflow_tf_dataset.json).
+
 Rerun (writes benchmarks/results/bench_models_<backend>.json and
 benchmarks/results/bench_models.md):
 
     nice python benchmarks/bench_models.py
     nice python benchmarks/bench_models.py --small
+    nice python benchmarks/bench_models.py --small --backends tensorflow --tf-dataset
     nice python benchmarks/bench_models.py --fold --backends tensorflow
     nice python benchmarks/bench_models.py --backends torch --steady-malloc
     nice python benchmarks/bench_models.py --backends tensorflow --jit-compile false
@@ -172,6 +179,7 @@ def child(backend, args):
         rng = np.random.default_rng(0)
         x = rng.uniform(0.0, 1.0, (batch * steps,) + shape).astype("float32")
         y = rng.integers(0, 10, batch * steps)
+        data = _tf_dataset(x, y, batch) if args.tf_dataset else None
         fns, models = {}, {}
         for variant in _build_order(variants, args.seed):
             model = models[variant] = _build(name, variant, jit)
@@ -179,8 +187,11 @@ def child(backend, args):
                       epochs=1, verbose=0)  # compiles
 
             def fit(model=model):
-                model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
-                          shuffle=False)
+                if data is not None:
+                    model.fit(data, epochs=1, verbose=0)
+                else:
+                    model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+                              shuffle=False)
 
             fns[variant] = fit
         times = common.time_interleaved(fns, args.repeats, warmup=1,
@@ -192,7 +203,23 @@ def child(backend, args):
         print(f"{backend} {name}: {_summary(row)}", file=sys.stderr,
               flush=True)
     return {"machine": common.machine(backend), "repeats": args.repeats,
-            "jit_compile": args.jit_compile, "rows": rows}
+            "jit_compile": args.jit_compile,
+            "data": "tf.data" if args.tf_dataset else "numpy", "rows": rows}
+
+
+def _tf_dataset(x, y, batch):
+    """`--tf-dataset`: the batches as a `tf.data.Dataset` built once and
+    cached in memory (read through once here), as a TensorFlow input
+    pipeline feeds `fit`. From NumPy arrays `fit` builds its pipeline
+    afresh each epoch, copying the whole sample (80-105 MB here): time
+    and page faults that every variant pays alike and that vary from
+    epoch to epoch."""
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache()
+    for _ in data:
+        pass
+    return data
 
 
 def _build_order(variants, seed: int) -> list:
@@ -446,12 +473,14 @@ def render_small(results_dir: Path) -> list[str]:
              "A/A: a second model with Keras's layer against the first, "
              "timed alike, the ratio that two layers of equal cost read "
              "here (the measurement's resolution; absent in older files); "
-             "samples/s are of every epoch pooled. Ops: one "
+             "samples/s are of every epoch pooled. Data: NumPy arrays, "
+             "which `fit` turns into a pipeline each epoch, or (TensorFlow, "
+             "`--tf-dataset`) a tf.data.Dataset built once. Ops: one "
              "BN call on the model's BN input, ours / Keras's (TensorFlow: "
              "graph ops, JAX: jaxpr equations, PyTorch: ATen dispatches; "
              "see bench_ops.md). Regenerate with `nice python "
              "benchmarks/bench_models.py --small`.", ""]
-    header = ["backend", "jit_compile", "malloc", "model", "BN input",
+    header = ["backend", "jit_compile", "malloc", "data", "model", "BN input",
               "batch x steps",
               "keras_bn /s", "keras /s", "keras again /s", "no BN /s",
               "time ours / Keras's: median", "best", "<= 1",
@@ -469,7 +498,8 @@ def render_small(results_dir: Path) -> list[str]:
             ops = row["bn_ops"]
             rows.append([
                 backend, result["jit_compile"],
-                "steady" if result.get("malloc") else "default", row["model"],
+                "steady" if result.get("malloc") else "default",
+                result.get("data", "numpy"), row["model"],
                 ", ".join(f"{o['layers']} x "
                           + "x".join(str(d) for d in o["shape"]) for o in ops),
                 f"{row['batch_size']} x {row['steps']}",
@@ -606,6 +636,10 @@ def main(argv=None):
     parser.add_argument("--against", default=None, metavar="COMMIT",
                         help="also time that commit's layer, in the same "
                         "processes (results: ..._against_<commit>.json)")
+    parser.add_argument("--tf-dataset", action="store_true",
+                        help="TensorFlow: fit on a tf.data.Dataset built "
+                        "once (results: ..._tf_dataset.json) instead of "
+                        "NumPy arrays")
     parser.add_argument("--old-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -618,6 +652,12 @@ def main(argv=None):
         parser.error("--against times fit epochs; --fold cannot take it")
     if args.fold and args.processes != 1:
         parser.error("--processes pools fit epochs; --fold takes 1")
+    if args.tf_dataset and not args.child and (
+            args.fold or args.backends != "tensorflow"):
+        parser.error("--tf-dataset feeds fit on TensorFlow alone: pass "
+                     "--backends tensorflow (and not --fold); received "
+                     f"--backends {args.backends}"
+                     + (" --fold" if args.fold else ""))
 
     if args.child:
         common.quiet_logs()
@@ -648,7 +688,9 @@ def main(argv=None):
                          "--steps", str(args.steps), "--jit-compile",
                          args.jit_compile, "--seed", str(seed),
                          *(["--fold"] if args.fold else []),
-                         *(["--small"] if args.small else []), *against],
+                         *(["--small"] if args.small else []),
+                         *(["--tf-dataset"] if args.tf_dataset else []),
+                         *against],
                         env, user_openmp=True).items():
                     results.setdefault(backend, {**result, "rows": []})
                     runs.setdefault((backend, model), []).extend(
@@ -666,6 +708,7 @@ def main(argv=None):
             result["malloc"] = malloc
             suffix = ("" if args.jit_compile == "auto" else
                       f"_jit_{args.jit_compile}") + malloc_suffix + (
+                "_tf_dataset" if args.tf_dataset else "") + (
                 f"_against_{args.against}" if args.against else "")
             common.write_results(
                 "bench_models_small" if args.small else "bench_models",
