@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -258,12 +257,7 @@ def main(argv=None) -> int:
                                       user_openmp=True)
         for backend, result in results.items():
             common.write_results("bench_ops", backend, result)
-    results = {}
-    for backend in common.BACKENDS:
-        path = common.RESULTS / f"bench_ops_{backend}.json"
-        if path.exists():
-            results[backend] = json.loads(path.read_text())
-    text = render(results)
+    text = render(common.read_results("bench_ops"))
     (common.RESULTS / "bench_ops.md").write_text(text)
     print(text)
     return 0

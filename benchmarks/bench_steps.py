@@ -25,7 +25,6 @@ Writes benchmarks/results/bench_steps_<backend>.json and bench_steps.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -160,9 +159,7 @@ def main(argv=None) -> int:
          "--block", str(args.block)], user_openmp=True)
     for backend, result in results.items():
         common.write_results("bench_steps", backend, result)
-    results = {b: json.loads(p.read_text()) for b in BACKENDS
-               if (p := common.RESULTS / f"bench_steps_{b}.json").exists()}
-    text = render(results)
+    text = render(common.read_results("bench_steps", BACKENDS))
     (common.RESULTS / "bench_steps.md").write_text(text)
     print(text)
     return 0

@@ -265,6 +265,15 @@ def write_results(name: str, backend: str, payload: dict,
     return path
 
 
+def read_results(name: str, backends=BACKENDS,
+                 out_dir: Path = RESULTS) -> dict:
+    """`{backend: result}` of the `<name>_<backend>.json` files there are
+    (`write_results`' files), in the order of `backends`."""
+    paths = {b: out_dir / f"{name}_{b}.json" for b in backends}
+    return {b: json.loads(p.read_text()) for b, p in paths.items()
+            if p.exists()}
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
