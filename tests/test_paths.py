@@ -100,13 +100,14 @@ def test_torch_training(facts, expected):
     assert paths.choose(_call("torch", **facts)).name == expected
 
 
-def test_jax_trains_large_batches_on_xla_and_infers_on_the_reference_path():
+def test_jax_trains_on_xla_at_every_size_and_infers_on_the_reference_path():
     assert paths.choose(_call("jax")).name == paths.XLA
     assert paths.choose(_call("jax", fused=True)).name == paths.XLA
     assert paths.choose(_call("jax", training=False)).name == paths.REFERENCE
-    small = _call("jax", shape=(128, 128), axes=(1,))
-    path = paths.choose(small)
-    assert path.name == paths.REFERENCE and "fewer than" in str(path)
+    for shape in ((128, 128), (2, 3), (0, 4), (128, 8, 8, 16)):
+        small = _call("jax", shape=shape, axes=(len(shape) - 1,))
+        assert paths.choose(small).name == paths.XLA, shape
+    assert paths.choose(_call("jax", fused=False)).name == paths.REFERENCE
 
 
 def test_an_unknown_backend_takes_the_reference_path():
