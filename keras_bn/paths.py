@@ -53,6 +53,14 @@ TF_MIN_KERNEL_SIZE_CPU = 2**17
 # 2 CPU cores: 1024x128 kernel 1.28 ms, plain ops 1.19, Keras's 1.27;
 # 8192x128: 4.2, 6.5, 6.5; at 128x128 the kernel costs 3x the others).
 TF_UNKNOWN_BATCH_ROWS = 128
+# JAX: below this many values a dense (rank-2) input trains at least as
+# fast on the reference path as on the `xla` kernel (2026-12-07,
+# bench_steps: the MNIST models' steps on the kernel read 1.00-1.05 of
+# Keras's on the fastest blocks, 0.99 on the reference path); a conv input
+# takes the kernel at any size, since the reference path pools its sums
+# one axis at a time (128x8x8x16, a training call with its gradient: the
+# kernel in 0.62 of the reference path's time).
+JAX_MIN_XLA_SIZE = 2**17
 # PyTorch's exact kernel: ATen's channels-last kernels sum each channel
 # sequentially in float32, so its rows are cut into equal groups of about
 # this many rows (a free reshape into more "channels") ...
@@ -164,6 +172,10 @@ NEEDS = {
                "(fused=True asks for it)"),
     "channels_last": (lambda c: c.channels_last, "the feature axis is not last"),
     "cpu": (lambda c: not c.gpu, "on GPU the reference path is as fast"),
+    "jax_size": (lambda c: len(c.shape) > 2 or c.size is None
+                 or c.size >= JAX_MIN_XLA_SIZE,
+                 f"a dense input of fewer than {JAX_MIN_XLA_SIZE} values, "
+                 "where the reference path trains as fast"),
     "in_xla": (lambda c: c.xla, "not inside an XLA compilation"),
     "not_xla": (lambda c: not c.xla, "inside an XLA compilation"),
     "tf_size": (lambda c: c.gpu or not tf_small(c.shape),
@@ -199,10 +211,7 @@ RULES = {
         (KERNEL, "opt_in", "tf_size"),
     ),
     ("tensorflow", False): ((KERNEL, "tf_size"),),
-    # JAX trains on the xla kernel at every size: from 128x64 up it is at
-    # least as fast as the reference path, and 0.6x its time on small conv
-    # inputs, whose reference sums pool one axis at a time (docs/speed.md).
-    ("jax", True): ((XLA,),),
+    ("jax", True): ((XLA, "jax_size"),),
     # JAX inference: the reference path is one fused XLA pass already.
     ("torch", True): (
         (EXACT_KERNEL, "eager", "rank2", "two_rows", "exact", "channels_last",

@@ -36,14 +36,15 @@ MODE = "jit" if BACKEND == "jax" else "eager"
 def spy(fused_calls, monkeypatch):
     """`fused_calls` (per kernel call, whether it ran).
 
-    TensorFlow's CPU kernels leave small tensors to plain ops (their
-    set-up costs more there); the size floor is lifted so that the kernels
-    run on the small tensors of these tests (JAX's xla kernel has no
-    floor). Its exact path pools groups of
+    TensorFlow's CPU kernels leave small tensors to plain ops, and JAX's
+    xla kernel small dense ones to the reference path (as fast there); the
+    size floors are lifted so that the kernels run on the small tensors of
+    these tests. TensorFlow's exact path pools groups of
     rows beyond `_KERNEL_GROUP_ROWS` rows (XLA's path beyond `_GROUP_ROWS`);
     both lowered to 100 here, so that the tests below over 100 rows take
     the grouped statistics, and the smaller ones the kernel's own.
     """
+    monkeypatch.setattr(paths, "JAX_MIN_XLA_SIZE", 0)
     if BACKEND == "tensorflow":
         from keras_bn.backends import tensorflow_backend
 

@@ -100,14 +100,19 @@ def test_torch_training(facts, expected):
     assert paths.choose(_call("torch", **facts)).name == expected
 
 
-def test_jax_trains_on_xla_at_every_size_and_infers_on_the_reference_path():
+def test_jax_trains_on_xla_but_small_dense_inputs_and_infers_on_reference():
     assert paths.choose(_call("jax")).name == paths.XLA
     assert paths.choose(_call("jax", fused=True)).name == paths.XLA
     assert paths.choose(_call("jax", training=False)).name == paths.REFERENCE
-    for shape in ((128, 128), (2, 3), (0, 4), (128, 8, 8, 16)):
-        small = _call("jax", shape=shape, axes=(len(shape) - 1,))
-        assert paths.choose(small).name == paths.XLA, shape
     assert paths.choose(_call("jax", fused=False)).name == paths.REFERENCE
+    # Conv inputs at any size; dense ones from JAX_MIN_XLA_SIZE values.
+    for shape in ((128, 8, 8, 16), (2, 3, 3, 4), (0, 4, 4, 4), (512, 256)):
+        call = _call("jax", shape=shape, axes=(len(shape) - 1,))
+        assert paths.choose(call).name == paths.XLA, shape
+    for shape in ((128, 128), (511, 256), (0, 4)):
+        call = _call("jax", shape=shape, axes=(len(shape) - 1,))
+        path = paths.choose(call)
+        assert path.name == paths.REFERENCE and "dense input" in str(path)
 
 
 def test_an_unknown_backend_takes_the_reference_path():
