@@ -324,7 +324,9 @@ def _verdict(interval) -> str:
     """What a ratio's interval says: ours faster or slower than Keras's
     layer only where the interval excludes 1."""
     low, high = interval
-    return "faster" if high < 1.0 else "slower" if low > 1.0 else "no difference shown"
+    if high < 1.0:
+        return "faster"
+    return "slower" if low > 1.0 else "no difference shown"
 
 
 def _fold_models(name):

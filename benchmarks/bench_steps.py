@@ -35,30 +35,37 @@ BACKENDS = ("tensorflow", "jax")
 VARIANTS = ("keras_bn", "keras", "keras_again", "no_bn")
 
 
-def _tf_step(model, x, y):
+def _tf_block(model, x, y, steps):
+    """A call that runs `steps` of `model`'s compiled training step."""
     import tensorflow as tf
 
     model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)  # traces
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    return lambda: model.train_function(iterator)
+
+    def block():
+        for _ in range(steps):
+            model.train_function(iterator)
+
+    return block
 
 
-def _jax_step(model, x, y):
+def _jax_block(model, x, y, steps):
+    """`_tf_block` under JAX: the jitted step threads its state, and the
+    block waits for the last one (JAX dispatches asynchronously)."""
     import jax
 
     model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)  # builds
-    model.make_train_function()
-    state = [tuple(v.value for v in group) for group in (
-        model.trainable_variables, model.non_trainable_variables,
-        model.optimizer.variables, model.metrics_variables)]
     step = jax.jit(model.train_step, donate_argnums=0)
-    box = [tuple(state)]
+    state = [tuple(tuple(v.value for v in group) for group in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))]
 
-    def run():
-        box[0] = step(box[0], (x, y))[1]
-        return box[0]
+    def block():
+        for _ in range(steps):
+            state[0] = step(state[0], (x, y))[1]
+        jax.block_until_ready(state[0])
 
-    return run
+    return block
 
 
 def child(backend: str, args) -> dict:
@@ -68,26 +75,16 @@ def child(backend: str, args) -> dict:
     import bench_models
 
     keras.utils.set_random_seed(0)
-    make_step = {"tensorflow": _tf_step, "jax": _jax_step}[backend]
+    make_block = {"tensorflow": _tf_block, "jax": _jax_block}[backend]
     rows = []
     for name in args.models:
         _, _, shape, batch, _ = bench_models.MODELS[name]
         rng = np.random.default_rng(0)
         x = rng.uniform(0.0, 1.0, (batch,) + shape).astype("float32")
         y = rng.integers(0, 10, batch)
-        fns = {}
-        for variant in VARIANTS:
-            step = make_step(bench_models._build(name, variant, "auto"), x, y)
-
-            def block(step=step):
-                for _ in range(args.block):
-                    out = step()
-                if backend == "jax":  # JAX dispatches asynchronously
-                    import jax
-
-                    jax.block_until_ready(out)
-
-            fns[variant] = block
+        fns = {variant: make_block(bench_models._build(name, variant, "auto"),
+                                   x, y, args.block)
+               for variant in VARIANTS}
         times = common.time_interleaved(fns, args.rounds, warmup=2)
         per_step = {v: {k: t[k] * 1e3 / args.block
                         for k in ("median_ms", "min_ms")}
@@ -115,16 +112,14 @@ def render(results: dict) -> str:
             f"{m.get('git_commit')}.")
         for row in result["rows"]:
             t = row["us_per_step"]
-            stat = {k: [t[v][k] for v in VARIANTS]
-                    for k in ("median_ms", "min_ms")}
+            stats = ("median_ms", "min_ms")
             table.append([
                 backend, row["model"],
-                " / ".join(f"{s:.0f}" for s in stat["median_ms"]),
-                " / ".join(f"{s:.0f}" for s in stat["min_ms"]),
-                *(f"{stat[k][i] / stat[k][1]:.3f}" for i in (0,)
-                  for k in ("median_ms", "min_ms")),
-                *(f"{stat[k][2] / stat[k][1]:.3f}"
-                  for k in ("median_ms", "min_ms")),
+                *(" / ".join(f"{t[v][k]:.0f}" for v in VARIANTS)
+                  for k in stats),
+                # ours / Keras's, then Keras's again / Keras's (A/A)
+                *(f"{t[v][k] / t['keras'][k]:.3f}"
+                  for v in ("keras_bn", "keras_again") for k in stats),
             ])
     return "\n".join([
         "# bench_steps results", "",
