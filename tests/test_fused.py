@@ -522,6 +522,37 @@ def test_tf_grouped_statistics_match_float64_for_any_batch(
     _assert_float64_training(result, x, dy, 1, gamma, beta, mean_tol=1e-7)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's grouped view")
+@pytest.mark.parametrize("shape,groups", [
+    ((10, 7, 7, 8), 49),   # 490 rows: the widest view that divides them
+    ((64, 4, 4, 16), 32),
+    ((17, 1, 1, 4), 17),   # prime rows: one row of 17 groups
+    ((19, 1, 1, 32), 1),   # no divisor of 19 up to 16: the plain layout
+])
+@pytest.mark.parametrize("offset", [0.5, 1e4])
+def test_jax_grouped_view_matches_float64(spy, shape, groups, offset):
+    """The xla kernel reads a channels-last input with few channels as
+    `[rows / k, k * channels]` and pools the k groups' sums: against the
+    float64 reference, outputs, gradients and statistics lose nothing,
+    whatever k the row count allows."""
+    from keras_bn.backends import jax_backend
+
+    assert jax_backend._groups(shape, 3) == groups
+    rng = np.random.default_rng(14)
+    channels = shape[-1]
+    x = (offset + rng.normal(size=shape)).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    gamma = rng.uniform(0.5, 1.5, channels)
+    beta = rng.normal(size=channels)
+    layer = keras_bn.BatchNormalization(momentum=0.0)
+    layer.build(shape)
+    layer.gamma.assign(gamma.astype("float32"))
+    layer.beta.assign(beta.astype("float32"))
+    result = _run(layer, x, dy)
+    _check_ran(spy, None)
+    _assert_float64_training(result, x, dy, 3, gamma, beta, mean_tol=1e-6)
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch layout")
 @BOTH_PATHS
 def test_torch_channels_last_view_and_autograd(spy, fused):
