@@ -87,11 +87,11 @@ def _leading_mean(x, axes, groups):
     first = axes[0]
     rows = _shared.leading_rows(x.shape[first])
     head = jax.lax.slice_in_dim(x, 0, rows, axis=first)
-    count = math.prod(head.shape[a] for a in axes) * groups
-    return _sum(head, axes, groups) / count
+    return _sum(head, axes, groups) / _count(head, axes, groups)
 
 
 def _count(x, axes, groups):
+    """Values per channel in `x` (its view's groups included), at least 1."""
     return max(math.prod(x.shape[a] for a in axes) * groups, 1)
 
 
@@ -163,15 +163,15 @@ def _xla_train(x, gamma, beta, epsilon, axis):
     # the conversions into the passes that read and write the tensor.
     out_dtype = x.dtype
     stat_dtype = jnp.promote_types(out_dtype, jnp.float32)
-    in_shape = x.shape
+    in_shape, channels = x.shape, x.shape[axis]
     groups = _groups(in_shape, axis)
     x = x.astype(stat_dtype)
     if groups > 1:
-        x = x.reshape(-1, groups * in_shape[axis])
+        x = x.reshape(-1, groups * channels)
         axis = 1
     axes = tuple(a for a in range(x.ndim) if a != axis)
     shape = [1] * x.ndim
-    shape[axis] = in_shape[-1] if groups > 1 else x.shape[axis]
+    shape[axis] = channels
     ones = jnp.ones(shape, stat_dtype)
     gamma = ones if gamma is None else jnp.reshape(gamma, shape)
     beta = ones * 0 if beta is None else jnp.reshape(beta, shape)
