@@ -45,6 +45,9 @@ the fastest epochs, the same ratio of Keras's second model to its first
 (what two equal layers read: the resolution), and the op counts of one BN call on
 that model's BN input (`bench_ops.op_counts`: TF graph ops, jaxpr
 equations, ATen dispatches; results: bench_models_small_<backend>.json).
+Every run times each epoch twice: the `fit` call whole, and the epoch as
+`fit` runs it (its begin to its end callback, `_epoch_timer`), which leaves
+out the call's own set-up and teardown; the table has a row for each.
 
 With `--tf-dataset` (TensorFlow), `fit` reads a `tf.data.Dataset` built
 once and cached instead of NumPy arrays: from arrays `fit` builds its input
@@ -180,31 +183,59 @@ def child(backend, args):
         x = rng.uniform(0.0, 1.0, (batch * steps,) + shape).astype("float32")
         y = rng.integers(0, 10, batch * steps)
         data = _tf_dataset(x, y, batch) if args.tf_dataset else None
-        fns, models = {}, {}
+        fns, models, epoch_ms = {}, {}, {}
         for variant in _build_order(variants, args.seed):
             model = models[variant] = _build(name, variant, jit)
             model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch,
                       epochs=1, verbose=0)  # compiles
+            timer = _epoch_timer(epoch_ms.setdefault(variant, []))
 
-            def fit(model=model):
+            def fit(model=model, timer=timer):
                 if data is not None:
-                    model.fit(data, epochs=1, verbose=0)
+                    model.fit(data, epochs=1, verbose=0, callbacks=[timer])
                 else:
                     model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
-                              shuffle=False)
+                              shuffle=False, callbacks=[timer])
 
             fns[variant] = fit
-        times = common.time_interleaved(fns, args.repeats, warmup=1,
+        warmup = 1
+        times = common.time_interleaved(fns, args.repeats, warmup=warmup,
                                         seed=args.seed)
         row = _row(name, batch, steps, times)
+        row["epoch"] = _row(name, batch, steps, {
+            v: common.timing_stats(ms[warmup:]) for v, ms in epoch_ms.items()})
         if args.small:
             row["bn_ops"] = _bn_ops(backend, models["keras_bn"], batch)
         rows.append(row)
-        print(f"{backend} {name}: {_summary(row)}", file=sys.stderr,
-              flush=True)
+        print(f"{backend} {name}: {_summary(row)}\n  epochs in fit: "
+              f"{_summary(row['epoch'])}", file=sys.stderr, flush=True)
     return {"machine": common.machine(backend), "repeats": args.repeats,
             "jit_compile": args.jit_compile,
             "data": "tf.data" if args.tf_dataset else "numpy", "rows": rows}
+
+
+def _epoch_timer(samples: list):
+    """A callback appending each epoch's milliseconds to `samples`, timed as
+    `fit` runs the epoch (its begin to its end hooks): what one epoch of a
+    multi-epoch `fit` costs. The wall time of a one-epoch `fit` call adds
+    what a call does once around its epochs: building the input pipeline
+    and, on TensorFlow, deleting the `tf.data` iterator, which now and then
+    blocks for about 250 ms (seen 2026-12-07 on TF 2.21: one deletion in 3
+    to 5), so that such calls last about 620 ms whatever the model. It
+    implements no batch hook, so `fit` dispatches batch callbacks as it
+    would without it."""
+    import time
+
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            samples.append(1e3 * (time.perf_counter() - self.start))
+
+    return EpochTimer()
 
 
 def _tf_dataset(x, y, batch):
@@ -294,9 +325,10 @@ def _pooled(rows) -> dict:
         [ms for row in rows for ms in row["times"][v]["samples_ms"]])
         for v in first["times"]}
     row = _row(first["model"], first["batch_size"], first["steps"], times)
-    for key in ("bn_ops",):
-        if key in first:
-            row[key] = first[key]
+    if "bn_ops" in first:
+        row["bn_ops"] = first["bn_ops"]
+    if "epoch" in first:
+        row["epoch"] = _pooled([r["epoch"] for r in rows])
     for key in _OTHERS:
         if key in row:
             row[f"per_process_{key}"] = [r[key] for r in rows]
@@ -465,7 +497,13 @@ def render_small(results_dir: Path) -> list[str]:
              "ReLU -> global average pooling -> Dense(10)), batch 128, "
              "keras_bn's layer, Keras's layer and no BN interleaved, in "
              "several fresh processes per model "
-             "(each file's `processes`). Epoch time ours / Keras's: within "
+             "(each file's `processes`). Timed: each one-epoch `fit` call "
+             "whole (`fit call`), and, in files from 2026-12-07 15:30 on, "
+             "the epoch as `fit` runs it, from its begin to its end "
+             "callback (`epoch in fit`: what each epoch of a multi-epoch "
+             "`fit` costs, without the call's set-up and, on TensorFlow, "
+             "the deletion of its tf.data iterator, which now and then "
+             "blocks for about 250 ms). Epoch time ours / Keras's: within "
              "each process, of the medians and of the fastest epochs; the "
              "table gives the median over the processes of each (target: "
              "<= 1 on both), then every process's own median ratio, a "
@@ -482,8 +520,8 @@ def render_small(results_dir: Path) -> list[str]:
              "graph ops, JAX: jaxpr equations, PyTorch: ATen dispatches; "
              "see bench_ops.md). Regenerate with `nice python "
              "benchmarks/bench_models.py --small`.", ""]
-    header = ["backend", "jit_compile", "malloc", "data", "model", "BN input",
-              "batch x steps",
+    header = ["backend", "jit_compile", "malloc", "data", "model", "timed",
+              "BN input", "batch x steps",
               "keras_bn /s", "keras /s", "keras again /s", "no BN /s",
               "time ours / Keras's: median", "best", "<= 1",
               "per process: median", "95% interval (median)", "shows",
@@ -496,32 +534,41 @@ def render_small(results_dir: Path) -> list[str]:
         backend = result["machine"]["backend"]
         machines.append(_machine_line(path, result, commit=True))
         for row in result["rows"]:
-            thr, ratio = row["samples_per_s"], row["vs_keras"]
             ops = row["bn_ops"]
-            rows.append([
-                backend, result["jit_compile"],
-                "steady" if result.get("malloc") else "default",
-                result.get("data", "numpy"), row["model"],
-                ", ".join(f"{o['layers']} x "
-                          + "x".join(str(d) for d in o["shape"]) for o in ops),
-                f"{row['batch_size']} x {row['steps']}",
-                *(f"{thr[v]:.0f}" if v in thr else "-"
-                  for v in SMALL_VARIANTS),
-                f"{ratio['median']:.3f}", f"{ratio['min']:.3f}",
-                "yes" if max(ratio.values()) <= 1 else "NO",
-                ", ".join(f"{r['median']:.2f}"
-                          for r in row.get("per_process_vs_keras", [])),
-                *((f"{interval[0]:.3f}-{interval[1]:.3f}", _verdict(interval))
-                  if (interval := _row_interval(row)) else ("-", "-")),
-                *((f"{a_a['median']:.3f}", f"{a_a['min']:.3f}")
-                  if (a_a := row.get("a_a")) else ("-", "-")),
-                ", ".join(f"{r['median']:.2f}"
-                          for r in row.get("per_process_a_a", [])) or "-",
-                *(", ".join(f"{o['keras_bn'][k]} / {o['keras'][k]}"
-                            for o in ops)
-                  for k in ("train", "train+grad", "infer")),
-            ])
+            setting = [backend, result["jit_compile"],
+                       "steady" if result.get("malloc") else "default",
+                       result.get("data", "numpy"), row["model"]]
+            shape = [", ".join(f"{o['layers']} x "
+                               + "x".join(str(d) for d in o["shape"])
+                               for o in ops),
+                     f"{row['batch_size']} x {row['steps']}"]
+            op_cells = [", ".join(f"{o['keras_bn'][k]} / {o['keras'][k]}"
+                                  for o in ops)
+                        for k in ("train", "train+grad", "infer")]
+            for timed, timing in (("fit call", row),
+                                  ("epoch in fit", row.get("epoch"))):
+                if timing is not None:
+                    rows.append([*setting, timed, *shape,
+                                 *_small_cells(timing), *op_cells])
     return parts + [common.markdown_table(header, rows), "", *machines, ""]
+
+
+def _small_cells(row) -> list[str]:
+    """Throughputs, ours / Keras's and the A/A of one timing of a row."""
+    thr, ratio = row["samples_per_s"], row["vs_keras"]
+    return [
+        *(f"{thr[v]:.0f}" if v in thr else "-" for v in SMALL_VARIANTS),
+        f"{ratio['median']:.3f}", f"{ratio['min']:.3f}",
+        "yes" if max(ratio.values()) <= 1 else "NO",
+        ", ".join(f"{r['median']:.2f}"
+                  for r in row.get("per_process_vs_keras", [])),
+        *((f"{interval[0]:.3f}-{interval[1]:.3f}", _verdict(interval))
+          if (interval := _row_interval(row)) else ("-", "-")),
+        *((f"{a_a['median']:.3f}", f"{a_a['min']:.3f}")
+          if (a_a := row.get("a_a")) else ("-", "-")),
+        ", ".join(f"{r['median']:.2f}"
+                  for r in row.get("per_process_a_a", [])) or "-",
+    ]
 
 
 def _row_interval(row):
