@@ -75,6 +75,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -224,8 +225,6 @@ def _epoch_timer(samples: list):
     to 5), so that such calls last about 620 ms whatever the model. It
     implements no batch hook, so `fit` dispatches batch callbacks as it
     would without it."""
-    import time
-
     import keras
 
     class EpochTimer(keras.callbacks.Callback):

@@ -4,7 +4,7 @@ XLA has no batch-norm kernel to call, so the training kernel is the
 reference algorithm written for XLA's fusion: the statistics are two
 reductions that each read `x` once (no materialized deviation tensor), and
 a custom VJP gives the backward as two reductions and one elementwise pass
-(`_shared.input_gradient`), where autodiff would materialize
+(`_shared.gradient_coefficients`), where autodiff would materialize
 intermediates. Inference needs no kernel: the reference path is one fused
 elementwise pass under XLA.
 """
