@@ -51,19 +51,14 @@ def run_children(script: str, backends, extra_args, extra_env=None,
 
     Each child prints its result as one JSON line prefixed by `RESULT `;
     with `echo`, its other output lines are shown as they come. With
-    `user_openmp`, the child keeps this process's OpenMP wait policy (a
-    user's default: unset) instead of `child_env`'s `PASSIVE`, which
-    guards against neighbours but makes every parallel ATen kernel wake
-    its threads (2-3x slower small PyTorch steps, and slower for fused
-    kernels than for chains of small serial ops).
+    `user_openmp`, the child keeps this process's OpenMP wait policy (see
+    `child_env`) instead of `PASSIVE`, which guards against neighbours but
+    makes every parallel ATen kernel wake its threads.
     """
     out = {}
     for backend in backends:
-        extra = (extra_env or {}).get(backend)
-        env = child_env(backend, extra)
-        if user_openmp and "OMP_WAIT_POLICY" not in {**os.environ,
-                                                     **(extra or {})}:
-            del env["OMP_WAIT_POLICY"]
+        env = child_env(backend, (extra_env or {}).get(backend),
+                        user_openmp=user_openmp)
         cmd = [sys.executable, script, "--child", backend, *extra_args]
         print(f"--- {backend}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KERAS_BACKEND") == args.backend:
             raise RuntimeError(f"KERAS_BACKEND={args.backend} is set but Keras "
                                f"runs {keras.backend.backend()}.")
-        return run_python(args.backend, ["-m", "keras_bn", *argv]).returncode
+        # The user's own OpenMP setting: the demo times what they would run.
+        return run_python(args.backend, ["-m", "keras_bn", *argv],
+                          user_openmp=True).returncode
 
     from keras_bn import demo
 

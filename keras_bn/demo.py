@@ -7,8 +7,10 @@ initial weights of every non-normalization layer:
 - `keras`: with `keras.layers.BatchNormalization`,
 - `none`: without batch normalization.
 
-`python -m keras_bn demo` runs `main`; `benchmarks/accuracy.py` reuses
-`load_data`, `build_model`, `train` and `format_table`.
+`python -m keras_bn demo` runs `run`, which trains the variants side by
+side (`train_side_by_side`: one epoch of each in turn, so their epoch
+times compare); `benchmarks/accuracy.py` reuses `load_data`,
+`build_model` and `train`.
 """
 
 from __future__ import annotations
@@ -183,39 +185,86 @@ def train(model: keras.Model, data: tuple, variant: str, epochs: int,
     Returns:
         The `Result`.
     """
+    return train_side_by_side({variant: model}, data, epochs, batch_size,
+                              verbose=verbose, cosine_decay=cosine_decay,
+                              order_seed=order_seed)[0]
+
+
+def train_side_by_side(models: dict, data: tuple, epochs: int,
+                       batch_size: int, verbose: int | str = "auto",
+                       cosine_decay: bool = False,
+                       order_seed: int | None = None) -> list[Result]:
+    """Trains several models as `train` does, one epoch of each in turn.
+
+    Each model trains exactly as it would alone (its own weights, optimizer
+    and epochs); interleaving only puts their epochs side by side, so that
+    drift in the load of a shared machine hits every model alike and their
+    epoch times compare. The order rotates from one epoch to the next.
+
+    Args:
+        models: `{variant: uncompiled model}`, in the order of the results.
+        data: As for `train`.
+        epochs: Number of epochs of each model.
+        batch_size: Batch size.
+        verbose: Passed to `fit`; when not 0, each epoch of each model is
+            announced by its variant's name.
+        cosine_decay: As for `train`.
+        order_seed: As for `train`; every model then sees the same batches
+            in the same order.
+
+    Returns:
+        One `Result` per model, in the order of `models`.
+    """
     check.integer("epochs", epochs)
     check.integer("batch_size", batch_size)
-    (x_train, y_train), (x_test, y_test) = data
+    if not isinstance(models, dict) or not models:
+        raise ValueError("`models` must be a non-empty dict of variant name "
+                         f"to model. Received: models={models!r}")
+    (x_train, y_train), validation_data = data
     learning_rate = 1e-3  # Keras's default for Adam
     if cosine_decay:
         steps = epochs * -(-len(x_train) // batch_size)
         learning_rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, decay_steps=steps)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    result = Result(variant)
-    fit_args = dict(batch_size=batch_size, validation_data=(x_test, y_test),
-                    callbacks=[_EpochTimer(result)], verbose=verbose)
-    if order_seed is None:
-        history = model.fit(x_train, y_train, epochs=epochs,
-                            **fit_args).history
-    else:
-        rng = np.random.default_rng(order_seed)
-        history = {}
-        for epoch in range(epochs):
+    runs = []
+    for variant, model in models.items():
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                      loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        runs.append((variant, model, Result(variant), {}))
+    rng = None if order_seed is None else np.random.default_rng(order_seed)
+    for epoch in range(epochs):
+        x, y = x_train, y_train
+        if rng is not None:
             order = rng.permutation(len(x_train))
+            x, y = x_train[order], y_train[order]
+        first = epoch % len(runs)
+        for variant, model, result, history in runs[first:] + runs[:first]:
+            if verbose:
+                print(f"{VARIANTS.get(variant, variant)}, epoch {epoch + 1}"
+                      f"/{epochs}")
             epoch_history = model.fit(
-                x_train[order], y_train[order], initial_epoch=epoch,
-                epochs=epoch + 1, shuffle=False, **fit_args).history
+                x, y, batch_size=batch_size, initial_epoch=epoch,
+                epochs=epoch + 1, shuffle=rng is None,
+                validation_data=validation_data,
+                callbacks=[_EpochTimer(result)], verbose=verbose).history
             for key, values in epoch_history.items():
                 history.setdefault(key, []).extend(values)
-    result.history = {k: [float(v) for v in vs] for k, vs in history.items()}
-    result.test_loss, result.test_accuracy = (
-        float(v) for v in model.evaluate(x_test, y_test, batch_size=1024,
-                                         verbose=0)
-    )
-    return result
+    for _, model, result, history in runs:
+        result.history = {k: [float(v) for v in vs]
+                          for k, vs in history.items()}
+        result.test_loss, result.test_accuracy = (
+            float(v) for v in model.evaluate(*validation_data,
+                                             batch_size=1024, verbose=0))
+    return [result for _, _, result, _ in runs]
+
+
+def time_ratio(result: Result, reference: Result) -> float:
+    """Median over the epochs after the first of `result`'s epoch time
+    divided by `reference`'s in the same epoch (epochs run side by side by
+    `train_side_by_side`, so each ratio pairs epochs timed together)."""
+    pairs = list(zip(result.epoch_seconds, reference.epoch_seconds))
+    return statistics.median(a / b for a, b in (pairs[1:] or pairs))
 
 
 def result_dict(result: Result) -> dict:
@@ -224,14 +273,21 @@ def result_dict(result: Result) -> dict:
 
 
 def format_table(results: list[Result]) -> str:
-    """Formats results as a markdown table, one row per variant."""
-    lines = ["| variant | s/epoch (excl. 1st) | final train loss | test loss "
-             "| test accuracy |",
-             "|---|---:|---:|---:|---:|"]
+    """Formats results as a markdown table, one row per variant.
+
+    The time column is each variant's epoch time over Keras's layer's
+    (`time_ratio`, epoch by epoch), where a `"keras"` result is present.
+    """
+    reference = next((r for r in results if r.variant == "keras"), None)
+    lines = ["| variant | s/epoch (excl. 1st) | time / Keras's layer "
+             "| final train loss | test loss | test accuracy |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        ratio = ("-" if reference is None
+                 else f"{time_ratio(r, reference):.2f}")
         lines.append(
-            f"| {VARIANTS[r.variant]} | {r.seconds_per_epoch:.2f} | "
-            f"{r.history['loss'][-1]:.4f} | {r.test_loss:.4f} | "
+            f"| {VARIANTS[r.variant]} | {r.seconds_per_epoch:.2f} | {ratio} "
+            f"| {r.history['loss'][-1]:.4f} | {r.test_loss:.4f} | "
             f"{100 * r.test_accuracy:.2f}% |"
         )
     return "\n".join(lines)
@@ -282,7 +338,8 @@ def run(dataset: str = "mnist", epochs: int | None = None,
         out_dir: Folder for `<dataset>_<backend>.png` and `.json`.
         train_size: Use only the first `train_size` training examples.
         seed: Seed for `keras.utils.set_random_seed`, reset before each
-            variant so all start from the same weights.
+            variant is built so all start from the same weights, and of
+            the batch order, which all variants share.
         verbose: Passed to `fit`.
 
     Returns:
@@ -295,13 +352,16 @@ def run(dataset: str = "mnist", epochs: int | None = None,
     print(f"keras_bn demo: {dataset}, backend {backend}, {epochs} epochs, "
           f"batch {batch_size}, {len(data[0][0])} training / "
           f"{len(data[1][0])} test examples")
-    results = []
-    for variant, label in VARIANTS.items():
-        keras.utils.set_random_seed(seed)
-        model = build_model(dataset, variant)
-        print(f"\n== {label} ({model.name}) ==")
-        results.append(train(model, data, variant, epochs, batch_size,
-                             verbose=verbose))
+    built = {}
+    for variant in VARIANTS:
+        keras.utils.set_random_seed(seed)  # the same initial weights
+        built[variant] = build_model(dataset, variant)
+    # One epoch of each variant in turn, on the same batches: epoch times
+    # taken side by side compare, where whole runs one after another would
+    # also compare the machine's load at different times.
+    results = train_side_by_side(built, data, epochs, batch_size,
+                                 verbose=verbose, order_seed=seed)
+    by_variant = {r.variant: r for r in results}
     table = format_table(results)
     print(f"\n{dataset}, backend {backend}, {epochs} epochs:\n{table}")
     os.makedirs(out_dir, exist_ok=True)
@@ -313,6 +373,12 @@ def run(dataset: str = "mnist", epochs: int | None = None,
                    "batch_size": batch_size,
                    "train_examples": len(data[0][0]),
                    "test_examples": len(data[1][0]),
+                   "timing": "variants interleaved epoch by epoch; "
+                             "time_vs_keras: median over the epochs after "
+                             "the first of the epoch-time ratio",
+                   "time_vs_keras": {
+                       r.variant: time_ratio(r, by_variant["keras"])
+                       for r in results},
                    "results": [result_dict(r) for r in results]}, f, indent=2)
     print(f"\nwrote {stem}.png and {stem}.json")
     return results

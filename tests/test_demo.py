@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_bn import __main__ as keras_bn_main
+from keras_bn import _processes
 from keras_bn import demo
 
 
@@ -41,6 +42,35 @@ def test_demo_command_selects_the_backend_without_keras_backend(tmp_path):
         assert len(r["history"]["val_accuracy"]) == 2
         assert len(r["epoch_seconds"]) == 2
         assert 0.0 <= r["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("base,user_openmp,expected", [
+    ({}, False, "PASSIVE"),       # tests and workers: no spinning threads
+    ({}, True, None),             # the demo, benchmarks: OpenMP's default
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "ACTIVE"),   # the user's own
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, False, "ACTIVE"),
+])
+def test_child_env_openmp_wait_policy(base, user_openmp, expected):
+    env = _processes.child_env("torch", base=base, user_openmp=user_openmp)
+    assert env.get("OMP_WAIT_POLICY") == expected
+    assert env["KERAS_BACKEND"] == "torch"
+
+
+def test_demo_command_child_keeps_the_users_openmp_setting(monkeypatch):
+    other = next(b for b in _processes.BACKENDS
+                 if b != keras.backend.backend())
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    seen = {}
+
+    def fake_run_python(backend, args, **kwargs):
+        seen.update(backend=backend, args=args, **kwargs)
+        return subprocess.CompletedProcess(args, 0)
+
+    monkeypatch.setattr(keras_bn_main, "run_python", fake_run_python)
+    assert keras_bn_main.main(["demo", "--backend", other]) == 0
+    # The demo times what the user would run: no PASSIVE imposed on it.
+    assert seen == {"backend": other, "user_openmp": True,
+                    "args": ["-m", "keras_bn", "demo", "--backend", other]}
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -76,18 +106,81 @@ def test_bad_arguments_are_named(call, needle):
         call()
 
 
+def _result(variant, epoch_seconds):
+    return demo.Result(variant, epoch_seconds=epoch_seconds,
+                       history={"loss": [0.5, 0.25]}, test_loss=0.125,
+                       test_accuracy=0.975)
+
+
 def test_format_table_lists_each_variant():
-    results = []
-    for i, variant in enumerate(demo.VARIANTS):
-        r = demo.Result(variant, epoch_seconds=[9.0, 1.0 + i, 3.0 + i],
-                        history={"loss": [0.5, 0.25]},
-                        test_loss=0.125, test_accuracy=0.975)
-        results.append(r)
+    results = [_result("keras_bn", [9.0, 1.0, 3.0, 2.0]),
+               _result("keras", [9.0, 4.0, 2.0, 1.0]),
+               _result("none", [9.0, 2.0, 1.0, 1.0])]
     lines = demo.format_table(results).splitlines()
     assert len(lines) == 2 + len(demo.VARIANTS)
-    # Median of the epochs after the first (which includes compilation).
-    assert lines[2] == ("| keras_bn.BatchNormalization | 2.00 | 0.2500 | "
-                        "0.1250 | 97.50% |")
+    # s/epoch: median of the epochs after the first (which includes
+    # compilation), 2.00. Time / Keras's: median of the epoch-by-epoch
+    # ratios 1/4, 3/2, 2/1 = 1.50 (the ratio of the medians would be 1.00).
+    assert lines[2] == ("| keras_bn.BatchNormalization | 2.00 | 1.50 | "
+                        "0.2500 | 0.1250 | 97.50% |")
+    assert lines[3].startswith("| keras.layers.BatchNormalization | 2.00 | "
+                               "1.00 |")
+    # none: 2/4, 1/2, 1/1.
+    assert lines[4].startswith("| no batch normalization | 1.00 | 0.50 |")
+
+
+def test_format_table_without_keras_has_no_ratio():
+    lines = demo.format_table([_result("keras_bn", [9.0, 1.0])]).splitlines()
+    assert lines[2].startswith("| keras_bn.BatchNormalization | 1.00 | - |")
+
+
+def _side_by_side_models(variants):
+    built = {}
+    for variant in variants:
+        keras.utils.set_random_seed(0)
+        built[variant] = demo.build_model("mnist", variant)
+        demo.portable_init(built[variant], seed=0)
+    return built
+
+
+def test_train_side_by_side_rotates_and_trains_each_model_as_alone():
+    data = demo.load_data("mnist", train_size=256, test_size=64)
+    variants = ("keras_bn", "keras", "none")
+    built = _side_by_side_models(variants)
+    calls = []
+    for variant, model in built.items():
+        def fit(*args, _fit=model.fit, _variant=variant, **kwargs):
+            calls.append((_variant, kwargs["initial_epoch"]))
+            return _fit(*args, **kwargs)
+        model.fit = fit
+    results = demo.train_side_by_side(built, data, epochs=3, batch_size=128,
+                                      verbose=0, order_seed=4)
+    # One epoch of each in turn, the order rotating by one each epoch.
+    assert calls == [("keras_bn", 0), ("keras", 0), ("none", 0),
+                     ("keras", 1), ("none", 1), ("keras_bn", 1),
+                     ("none", 2), ("keras_bn", 2), ("keras", 2)]
+    assert [r.variant for r in results] == list(variants)
+    for r in results:
+        assert len(r.epoch_seconds) == 3 and len(r.history["loss"]) == 3
+    # Interleaving changes nothing a model computes: each one trained
+    # alone, with the same start and batch order, ends with equal weights.
+    for variant, together in zip(variants, results):
+        alone_model = _side_by_side_models([variant])[variant]
+        alone = demo.train(alone_model, data, variant, epochs=3,
+                           batch_size=128, verbose=0, order_seed=4)
+        np.testing.assert_allclose(alone.history["loss"],
+                                   together.history["loss"], rtol=1e-5)
+        for a, b in zip(alone_model.weights, built[variant].weights):
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(a),
+                                       keras.ops.convert_to_numpy(b),
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("models", [{}, [("keras_bn", None)]])
+def test_train_side_by_side_rejects_models_that_are_not_a_dict(models):
+    with pytest.raises(ValueError, match="`models` must be a non-empty dict"):
+        demo.train_side_by_side(models, demo.load_data(
+            "mnist", train_size=8, test_size=8), epochs=1, batch_size=8)
 
 
 def test_portable_init_draws_glorot_kernels_with_numpy():
