@@ -35,7 +35,9 @@ The native kernels do not update moving
 statistics in training (TF) or do it inside the kernel (torch), so the
 comparison is conservative for keras_bn. Timings are medians of `--repeats`
 runs after `--warmup` runs; the candidates run round-robin so that load
-changes on a shared machine hit them alike.
+changes on a shared machine hit them alike. The children keep this
+process's OpenMP wait policy (a user's default: unset; from 2026-12-07 on,
+recorded in each result's machine info), not the test runner's `PASSIVE`.
 
 With `--steady-malloc` the children run with glibc's allocator told to
 keep freed memory (`common.STEADY_MALLOC`), as a caching allocator does;
@@ -555,7 +557,11 @@ def main(argv=None):
             backends = [b for b in backends if b == "torch"]
             passthrough.append("--torch-compile")
         malloc, env, suffix = common.malloc_settings(args, backends)
-        timings = common.run_children(__file__, backends, passthrough, env)
+        # The user's own OpenMP setting, as bench_models and the demo: the
+        # test runner's PASSIVE makes every parallel ATen kernel wake its
+        # threads (ATen's batch norm, at any size).
+        timings = common.run_children(__file__, backends, passthrough, env,
+                                      user_openmp=True)
         memory = {} if args.no_memory else common.run_children(
             __file__, backends, passthrough + ["--memory-only"],
             # The CPU allocator keeps statistics only in BFC mode.
