@@ -220,6 +220,10 @@ def train_side_by_side(models: dict, data: tuple, epochs: int,
     if not isinstance(models, dict) or not models:
         raise ValueError("`models` must be a non-empty dict of variant name "
                          f"to model. Received: models={models!r}")
+    for variant, model in models.items():
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"`models[{variant!r}]` must be a keras.Model. "
+                            f"Received: {model!r}")
     (x_train, y_train), validation_data = data
     learning_rate = 1e-3  # Keras's default for Adam
     if cosine_decay:

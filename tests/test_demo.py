@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -176,9 +177,14 @@ def test_train_side_by_side_rotates_and_trains_each_model_as_alone():
                                        rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("models", [{}, [("keras_bn", None)]])
-def test_train_side_by_side_rejects_models_that_are_not_a_dict(models):
-    with pytest.raises(ValueError, match="`models` must be a non-empty dict"):
+@pytest.mark.parametrize("models,error,needle", [
+    ({}, ValueError, "`models` must be a non-empty dict"),
+    ([("keras_bn", None)], ValueError, "`models` must be a non-empty dict"),
+    ({"keras_bn": "model"}, TypeError,
+     "`models['keras_bn']` must be a keras.Model. Received: 'model'"),
+])
+def test_train_side_by_side_rejects_bad_models(models, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
         demo.train_side_by_side(models, demo.load_data(
             "mnist", train_size=8, test_size=8), epochs=1, batch_size=8)
 
