@@ -121,13 +121,25 @@ def test_format_table_lists_each_variant():
     assert len(lines) == 2 + len(demo.VARIANTS)
     # s/epoch: median of the epochs after the first (which includes
     # compilation), 2.00. Time / Keras's: median of the epoch-by-epoch
-    # ratios 1/4, 3/2, 2/1 = 1.50 (the ratio of the medians would be 1.00).
-    assert lines[2] == ("| keras_bn.BatchNormalization | 2.00 | 1.50 | "
-                        "0.2500 | 0.1250 | 97.50% |")
+    # ratios 1/4, 3/2, 2/1 = 1.50 (the ratio of the medians would be 1.00);
+    # fastest epochs 1 against 1.
+    assert lines[2] == ("| keras_bn.BatchNormalization | 2.00 | 1.50; 1.00 "
+                        "| 0.2500 | 0.1250 | 97.50% |")
     assert lines[3].startswith("| keras.layers.BatchNormalization | 2.00 | "
-                               "1.00 |")
-    # none: 2/4, 1/2, 1/1.
-    assert lines[4].startswith("| no batch normalization | 1.00 | 0.50 |")
+                               "1.00; 1.00 |")
+    # none: 2/4, 1/2, 1/1; fastest 1 against 1.
+    assert lines[4].startswith("| no batch normalization | 1.00 | "
+                               "0.50; 1.00 |")
+
+
+def test_time_ratios_of_fastest_epochs_skip_the_first():
+    ours = _result("keras_bn", [0.1, 3.0, 2.0])
+    keras_result = _result("keras", [9.0, 2.0, 8.0])
+    # Pairs after the first: 3/2, 2/8 -> median 0.875; fastest 2 / 2.
+    assert demo.time_ratios(ours, keras_result) == (0.875, 1.0)
+    # One epoch only: it is all there is.
+    assert demo.time_ratios(_result("keras_bn", [3.0]),
+                            _result("keras", [4.0])) == (0.75, 0.75)
 
 
 def test_format_table_without_keras_has_no_ratio():
