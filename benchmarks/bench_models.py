@@ -46,8 +46,11 @@ the fastest epochs, the same ratio of Keras's second model to its first
 that model's BN input (`bench_ops.op_counts`: TF graph ops, jaxpr
 equations, ATen dispatches; results: bench_models_small_<backend>.json).
 Every run times each epoch twice: the `fit` call whole, and the epoch as
-`fit` runs it (its begin to its end callback, `_epoch_timer`), which leaves
-out the call's own set-up and teardown; the table has a row for each.
+`fit` runs it (its begin to its end callback, `keras_bn.demo`'s timer),
+which leaves out the call's own set-up and teardown: building the input
+pipeline and, on TensorFlow, deleting the `tf.data` iterator, which now and
+then blocks for about 250 ms (TF 2.21: one deletion in 3 to 5), so that such
+calls last about 620 ms whatever the model. The table has a row for each.
 
 With `--tf-dataset` (TensorFlow), `fit` reads a `tf.data.Dataset` built
 once and cached instead of NumPy arrays: from arrays `fit` builds its input
@@ -75,7 +78,6 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,6 +172,8 @@ def child(backend, args):
     import keras
     import numpy as np
 
+    from keras_bn import demo
+
     keras.utils.set_random_seed(0)
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     variants = SMALL_VARIANTS if args.small else VARIANTS
@@ -184,12 +188,15 @@ def child(backend, args):
         x = rng.uniform(0.0, 1.0, (batch * steps,) + shape).astype("float32")
         y = rng.integers(0, 10, batch * steps)
         data = _tf_dataset(x, y, batch) if args.tf_dataset else None
-        fns, models, epoch_ms = {}, {}, {}
+        fns, models, epochs = {}, {}, {}
         for variant in _build_order(variants, args.seed):
             model = models[variant] = _build(name, variant, jit)
             model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch,
                       epochs=1, verbose=0)  # compiles
-            timer = _epoch_timer(epoch_ms.setdefault(variant, []))
+            # The demo's epoch timer: each epoch as `fit` runs it (see the
+            # module docstring), apart from the call's set-up and teardown.
+            epochs[variant] = demo.Result(variant)
+            timer = demo._EpochTimer(epochs[variant])
 
             def fit(model=model, timer=timer):
                 if data is not None:
@@ -204,7 +211,8 @@ def child(backend, args):
                                         seed=args.seed)
         row = _row(name, batch, steps, times)
         row["epoch"] = _row(name, batch, steps, {
-            v: common.timing_stats(ms[warmup:]) for v, ms in epoch_ms.items()})
+            v: common.timing_stats([1e3 * t for t in r.epoch_seconds[warmup:]])
+            for v, r in epochs.items()})
         if args.small:
             row["bn_ops"] = _bn_ops(backend, models["keras_bn"], batch)
         rows.append(row)
@@ -213,28 +221,6 @@ def child(backend, args):
     return {"machine": common.machine(backend), "repeats": args.repeats,
             "jit_compile": args.jit_compile,
             "data": "tf.data" if args.tf_dataset else "numpy", "rows": rows}
-
-
-def _epoch_timer(samples: list):
-    """A callback appending each epoch's milliseconds to `samples`, timed as
-    `fit` runs the epoch (its begin to its end hooks): what one epoch of a
-    multi-epoch `fit` costs. The wall time of a one-epoch `fit` call adds
-    what a call does once around its epochs: building the input pipeline
-    and, on TensorFlow, deleting the `tf.data` iterator, which now and then
-    blocks for about 250 ms (seen 2026-12-07 on TF 2.21: one deletion in 3
-    to 5), so that such calls last about 620 ms whatever the model. It
-    implements no batch hook, so `fit` dispatches batch callbacks as it
-    would without it."""
-    import keras
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            samples.append(1e3 * (time.perf_counter() - self.start))
-
-    return EpochTimer()
 
 
 def _tf_dataset(x, y, batch):
