@@ -13,7 +13,8 @@ separately built models: the A/A control) and no BN, and times blocks of
 
 A round is one block per variant; the table gives each variant's median
 and fastest microseconds per step over the rounds, and ours / Keras's of
-both (with the A/A's beside it). This is what the layers cost inside the
+both (with the A/A's beside it), and for JAX how many fusions each
+compiled step holds (`jax_fusions`). This is what the layers cost inside the
 step; `bench_models.py --small` measures the `fit` epochs the issue asks
 about, where the set-up around the steps adds its own time and noise.
 
@@ -25,6 +26,7 @@ Writes benchmarks/results/bench_steps_<backend>.json and bench_steps.md.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -49,16 +51,26 @@ def _tf_block(model, x, y, steps):
     return block
 
 
+def _jax_step(model, x, y):
+    """`(step, state)`: `model.train_step` under `jax.jit` with its state
+    donated, as `fit` compiles it, and the state it starts from."""
+    import jax
+
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)  # builds
+    step = jax.jit(model.train_step, donate_argnums=0)
+    state = tuple(tuple(v.value for v in group) for group in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))
+    return step, state
+
+
 def _jax_block(model, x, y, steps):
     """`_tf_block` under JAX: the jitted step threads its state, and the
     block waits for the last one (JAX dispatches asynchronously)."""
     import jax
 
-    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)  # builds
-    step = jax.jit(model.train_step, donate_argnums=0)
-    state = [tuple(tuple(v.value for v in group) for group in (
-        model.trainable_variables, model.non_trainable_variables,
-        model.optimizer.variables, model.metrics_variables))]
+    step, state = _jax_step(model, x, y)
+    state = [state]
 
     def block():
         for _ in range(steps):
@@ -66,6 +78,17 @@ def _jax_block(model, x, y, steps):
         jax.block_until_ready(state[0])
 
     return block
+
+
+def jax_fusions(model, x, y) -> int:
+    """Fusions in the compiled step's entry computation: on XLA:CPU each
+    runs as a kernel of its own (a loop or a YNNPACK call), so this is the
+    step's kernel count; batch norm's share is the difference from the
+    model without it."""
+    step, state = _jax_step(model, x, y)
+    text = step.lower(state, (x, y)).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    return len(re.findall(r"= \S+ fusion\(", entry))
 
 
 def child(backend: str, args) -> dict:
@@ -89,8 +112,12 @@ def child(backend: str, args) -> dict:
         per_step = {v: {k: t[k] * 1e3 / args.block
                         for k in ("median_ms", "min_ms")}
                     for v, t in times.items()}
-        rows.append({"model": name, "batch_size": batch,
-                     "us_per_step": per_step})
+        row = {"model": name, "batch_size": batch, "us_per_step": per_step}
+        if backend == "jax":
+            row["fusions"] = {v: jax_fusions(
+                bench_models._build(name, v, "auto"), x, y)
+                for v in VARIANTS}
+        rows.append(row)
         print(f"{backend} {name}: " + ", ".join(
             f"{v} {t['median_ms']:.0f}/{t['min_ms']:.0f} us"
             for v, t in per_step.items()), file=sys.stderr, flush=True)
@@ -101,7 +128,8 @@ def child(backend: str, args) -> dict:
 def render(results: dict) -> str:
     header = ["backend", "model", "µs per step: ours / Keras's / Keras's "
               "again / no BN (median)", "fastest", "ours / Keras's: median",
-              "fastest", "A/A: median", "fastest"]
+              "fastest", "A/A: median", "fastest",
+              "XLA fusions in the step: ours / Keras's / Keras's again / no BN"]
     table, machines = [], []
     for backend, result in results.items():
         m = result["machine"]
@@ -120,14 +148,17 @@ def render(results: dict) -> str:
                 # ours / Keras's, then Keras's again / Keras's (A/A)
                 *(f"{t[v][k] / t['keras'][k]:.3f}"
                   for v in ("keras_bn", "keras_again") for k in stats),
+                " / ".join(str(row["fusions"][v]) for v in VARIANTS)
+                if "fusions" in row else "-",
             ])
     return "\n".join([
         "# bench_steps results", "",
         "The small models' compiled training steps timed directly (no "
         "`fit` around them), in blocks of steps round-robin in one process "
         "per backend: ours, Keras's layer, Keras's layer in a second model "
-        "(A/A: the resolution) and no BN. Regenerate with `nice python "
-        "benchmarks/bench_steps.py`.", "",
+        "(A/A: the resolution) and no BN. JAX rows count the fusions of "
+        "each compiled step (XLA:CPU runs each as a kernel of its own). "
+        "Regenerate with `nice python benchmarks/bench_steps.py`.", "",
         common.markdown_table(header, table), "", *machines, ""])
 
 
