@@ -283,6 +283,15 @@ def result_dict(result: Result) -> dict:
     return {**asdict(result), "seconds_per_epoch": result.seconds_per_epoch}
 
 
+def _vs_keras(results: list[Result]) -> dict[str, tuple[float, float]]:
+    """`{variant: time_ratios(result, Keras's layer's result)}`, empty
+    where `results` hold no `"keras"` variant."""
+    reference = next((r for r in results if r.variant == "keras"), None)
+    if reference is None:
+        return {}
+    return {r.variant: time_ratios(r, reference) for r in results}
+
+
 def format_table(results: list[Result]) -> str:
     """Formats results as a markdown table, one row per variant.
 
@@ -290,14 +299,14 @@ def format_table(results: list[Result]) -> str:
     (`time_ratios`: median of the epoch-by-epoch ratios; ratio of the
     fastest epochs), where a `"keras"` result is present.
     """
-    reference = next((r for r in results if r.variant == "keras"), None)
+    ratios = _vs_keras(results)
     lines = ["| variant | s/epoch (excl. 1st) | time / Keras's layer "
              "(median; fastest) | final train loss | test loss "
              "| test accuracy |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        ratio = ("-" if reference is None else
-                 "{:.2f}; {:.2f}".format(*time_ratios(r, reference)))
+        ratio = ("{:.2f}; {:.2f}".format(*ratios[r.variant]) if ratios
+                 else "-")
         lines.append(
             f"| {VARIANTS[r.variant]} | {r.seconds_per_epoch:.2f} | {ratio} "
             f"| {r.history['loss'][-1]:.4f} | {r.test_loss:.4f} | "
@@ -374,7 +383,6 @@ def run(dataset: str = "mnist", epochs: int | None = None,
     # also compare the machine's load at different times.
     results = train_side_by_side(built, data, epochs, batch_size,
                                  verbose=verbose, order_seed=seed)
-    by_variant = {r.variant: r for r in results}
     table = format_table(results)
     print(f"\n{dataset}, backend {backend}, {epochs} epochs:\n{table}")
     os.makedirs(out_dir, exist_ok=True)
@@ -391,9 +399,8 @@ def run(dataset: str = "mnist", epochs: int | None = None,
                              "first, the median of the epoch-time ratios "
                              "and the ratio of the fastest epochs",
                    "time_vs_keras": {
-                       r.variant: dict(zip(("median", "fastest"),
-                                           time_ratios(r, by_variant["keras"])))
-                       for r in results},
+                       variant: dict(zip(("median", "fastest"), ratios))
+                       for variant, ratios in _vs_keras(results).items()},
                    "results": [result_dict(r) for r in results]}, f, indent=2)
     print(f"\nwrote {stem}.png and {stem}.json")
     return results
